@@ -1,0 +1,170 @@
+"""The ``mlic`` command line: demo, train, eval, models (and the commands added per issue).
+
+Every user-facing failure is an :class:`~mlic.errors.MlicError` printed as one line
+``mlic: error: ...`` with exit code 2; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from mlic.errors import ConfigError, MlicError
+
+__all__ = ["main", "resolve_config_path"]
+
+log = logging.getLogger("mlic")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a recipe shipped in ``mlic/configs`` (``demo``, ``msformer_coco2014``)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    shipped = (
+        resources.files("mlic") / "configs" / (name if name.endswith(".yaml") else f"{name}.yaml")
+    )
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(
+        f"{name}: config file not found (neither a path nor a shipped recipe; see `mlic configs`)"
+    )
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from mlic.config import load_config
+    from mlic.engine.trainer import train
+
+    if args.resume:
+        result = train(None, resume=args.resume)  # type: ignore[arg-type]
+    else:
+        if args.config is None:
+            raise ConfigError(
+                "give a CONFIG (YAML path or shipped recipe name) or --resume RUN_DIR"
+            )
+        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        result = train(cfg)
+    print(
+        f"best mAP {100 * result['best_mAP']:.2f} at epoch {result['best_epoch']}; run in {result['run_dir']}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mlic.config import load_config
+    from mlic.engine.trainer import train
+    from mlic.viz import metric_table
+
+    t0 = time.perf_counter()
+    cfg = load_config(resolve_config_path("demo"), args.overrides)
+    result = train(cfg)
+    best = max(result["history"], key=lambda r: max(r["mAP"], r.get("ema_mAP", -1)))
+    use_ema = best.get("ema_mAP", -1) > best["mAP"]
+    shown = {k[4:]: v for k, v in best.items() if k.startswith("ema_")} if use_ema else best
+    print(f"\nDemo: {cfg.model.name} on {cfg.model.backbone} (ImageNet-pretrained), best epoch {best['epoch']}"
+          f"{' (EMA weights)' if use_ema else ''}, {time.perf_counter() - t0:.0f} s\n")  # fmt: skip
+    print(metric_table(shown))
+    print(f"\nreport: {Path(result['run_dir']) / 'report.md'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mlic.evaluate import evaluate_checkpoint
+
+    out = evaluate_checkpoint(args.target, args.overrides, output=args.output, split=args.split)
+    from mlic.viz import metric_table
+
+    print(metric_table(out["metrics"]))
+    print(f"\nreport: {out['report']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mlic.bench import model_summary
+    from mlic.models.registry import list_models
+
+    names = [n for n in list_models() if not args.filter or args.filter in n]
+    rows = []
+    print(f"{'model':<12} {'params (M)':>11} {'GFLOPs':>8}   backbone={args.backbone}, {args.image_size} px, "
+          f"{args.num_classes} classes")  # fmt: skip
+    for name in names:
+        s = model_summary(
+            name, args.backbone, args.image_size, args.num_classes, flops=not args.no_flops
+        )
+        rows.append(s)
+        gf = f"{s['gflops']:8.2f}" if s["gflops"] is not None else "       -"
+        print(f"{name:<12} {s['params_m']:11.2f} {gf}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from mlic import __version__
+
+    p = argparse.ArgumentParser(prog="mlic", description="Multi-label image classification.")
+    p.add_argument("--version", action="version", version=f"mlic {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="generate the demo set, fine-tune the baseline, print metrics")
+    s.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("train", help="train from a YAML config with key=value overrides")
+    s.add_argument("config", nargs="?", help="YAML path or shipped recipe name (e.g. demo)")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser(
+        "eval", help="evaluate a run folder or checkpoint; writes metrics + report.md"
+    )
+    s.add_argument("target", help="run folder (uses its config) or .safetensors checkpoint")
+    s.add_argument(
+        "overrides", nargs="*", help="data.* overrides, e.g. data.format=voc data.root=..."
+    )
+    s.add_argument(
+        "--split", default="val", choices=["train", "val"], help="which split of the data config"
+    )
+    s.add_argument(
+        "--output", help="folder for metrics.json and report.md (default: beside the target)"
+    )
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
+    s.add_argument("filter", nargs="?", help="only names containing this")
+    s.add_argument("--backbone", default="resnet101")
+    s.add_argument("--image-size", type=int, default=448)
+    s.add_argument("--num-classes", type=int, default=80)
+    s.add_argument("--no-flops", action="store_true", help="skip the FLOP count (fast)")
+    s.add_argument("--json", help="also write the table as JSON here")
+    s.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except MlicError as e:
+        if args.verbose:
+            raise
+        print(f"mlic: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("mlic: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

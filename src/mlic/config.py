@@ -1,0 +1,221 @@
+"""Dataclass configs loaded from YAML with dotted ``key=value`` overrides (OmegaConf structured).
+
+An unknown key, a value of the wrong type or a value outside a key's allowed choices is a
+:class:`~mlic.errors.ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mlic.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "RunConfig",
+    "load_config",
+    "save_config",
+    "to_dict",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is fed.
+
+    ``format`` picks the reader: ``voc`` (``root`` = the VOC20xx folder, ``train``/``val`` =
+    image-set names), ``coco`` (``train``/``val`` = instances JSON files, ``train_images``/
+    ``val_images`` = image folders), ``csv`` (``train``/``val`` = CSV files, images relative
+    to ``train_images``/``val_images``, default: the CSV's folder) and ``demo`` (the generated
+    demo set under ``root``, generated when absent).
+    """
+
+    format: str = "demo"
+    root: str = "data/demo"
+    train: str = "train"
+    val: str = "val"
+    train_images: str | None = None
+    val_images: str | None = None
+    image_size: int | None = None  # None: the model's default input size
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    workers: int = 2
+    randaugment: bool = True
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0  # Cutout-style erasing probability
+    hflip: bool = True
+    skip_bad_images: bool = False
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Model name from the registry, its backbone and model-specific options (``kwargs``)."""
+
+    name: str = "baseline"
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    pretrained_file: str | None = None  # explicit local ImageNet weights
+    word_vectors: str = "glove"  # "glove" (shipped VOC/COCO), a .npy path, or "learnable"
+    drop_path_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str = "asl"
+    gamma_pos: float = 0.0
+    gamma_neg: float = 4.0
+    clip: float = 0.05
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    momentum: float = 0.9  # SGD only
+    backbone_lr_mult: float = 1.0  # ML-GCN and SSGRL train the backbone at 0.1x
+    grad_clip: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    pct_start: float = 0.2  # one-cycle only
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    accum_steps: int = 1
+    amp: str = "auto"  # auto: bf16 on GPU, off on CPU
+    ema: bool = True
+    ema_decay: float = 0.999
+    seed: int = 0
+    device: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    threads: int | None = None
+    eval_every: int = 1
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.format": ("voc", "coco", "csv", "demo"),
+    "loss.name": ("bce", "asl", "focal"),
+    "optim.name": ("adamw", "sgd"),
+    "schedule.name": ("cosine", "onecycle", "constant"),
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+}
+
+POSITIVE: tuple[str, ...] = (
+    "data.batch_size",
+    "train.epochs",
+    "train.accum_steps",
+    "optim.lr",
+    "train.eval_every",
+)
+
+
+def _check(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is None or value <= 0:
+            raise ConfigError(f"{key}={value!r} must be > 0")
+    if not 0.0 <= cfg.data.random_erasing <= 1.0:
+        raise ConfigError(f"data.random_erasing={cfg.data.random_erasing} must be in [0, 1]")
+    if not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in (0, 1)")
+
+
+def _explain(e: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    if "not in" in msg or "Key" in msg and "not" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        schema = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else None
+        allowed = (
+            sorted(schema.keys())
+            if isinstance(schema, DictConfig)
+            else sorted(Config.__dataclass_fields__)
+        )
+        return ConfigError(f"{origin}: unknown config key {key!r}; allowed keys here: {allowed}")
+    return ConfigError(f"{origin}: bad value for {key!r}: {msg}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated. Returns a typed :class:`Config`."""
+    base = OmegaConf.structured(Config)
+    layers = []
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        origin = str(p)
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as e:  # yaml.YAMLError and friends
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
+    try:
+        cfg = OmegaConf.merge(base, *layers)
+    except OmegaConfBaseException as e:
+        raise _explain(e, origin) from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=5)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {item!r}") from e
+    _check(cfg)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what `mlic train` saves beside every run)."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

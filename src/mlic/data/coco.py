@@ -1,0 +1,66 @@
+"""MS-COCO 2014/2017 ``instances_*.json``: image-level labels from instance annotations.
+
+Classes are the file's categories in category-id order (person=1, bicycle=2, ...), the
+order used by the published COCO multi-label results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mlic.data import Annotations
+from mlic.errors import DataError
+
+__all__ = ["load_coco"]
+
+
+def _require(obj: dict, key: str, where: str) -> object:
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(f"{where}: missing key {key!r}")
+    return obj[key]
+
+
+def load_coco(annotation_json: str | Path, image_dir: str | Path) -> Annotations:
+    """Load a COCO instances file; images without any annotation get an all-zero row."""
+    path = Path(annotation_json)
+    if not path.exists():
+        raise DataError(f"{path}: COCO annotation file not found")
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: COCO image folder not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    cats = _require(data, "categories", str(path))
+    imgs = _require(data, "images", str(path))
+    anns = _require(data, "annotations", str(path))
+    cat_list = sorted(
+        ((int(_require(c, "id", f"{path}: categories[{i}]")), str(_require(c, "name", f"{path}: categories[{i}]")))
+         for i, c in enumerate(cats)),
+    )  # fmt: skip
+    col_of = {cid: col for col, (cid, _) in enumerate(cat_list)}
+    names = [n for _, n in cat_list]
+    row_of: dict[int, int] = {}
+    images: list[Path] = []
+    for i, img in enumerate(imgs):
+        where = f"{path}: images[{i}]"
+        iid = int(_require(img, "id", where))
+        if iid in row_of:
+            raise DataError(f"{where}: duplicate image id {iid}")
+        row_of[iid] = len(images)
+        images.append(image_dir / str(_require(img, "file_name", where)))
+    targets = np.zeros((len(images), len(names)), dtype=np.int8)
+    for i, ann in enumerate(anns):
+        where = f"{path}: annotations[{i}]"
+        iid = int(_require(ann, "image_id", where))
+        cid = int(_require(ann, "category_id", where))
+        if cid not in col_of:
+            raise DataError(f"{where}: category_id {cid} is not in the file's categories")
+        if iid not in row_of:
+            raise DataError(f"{where}: image_id {iid} is not in the file's images")
+        targets[row_of[iid], col_of[cid]] = 1
+    return Annotations(names=names, images=images, targets=targets, source=str(path))

@@ -1,0 +1,67 @@
+"""Generic CSV: ``image,labels`` with ``;``-separated label names per row.
+
+The header row is required (``image,labels``). Class order is the sorted set of names seen,
+unless ``class_names`` is given (then an unknown name is an error naming the line).
+"""
+
+from __future__ import annotations
+
+import csv as _csv
+from pathlib import Path
+
+import numpy as np
+
+from mlic.data import Annotations
+from mlic.errors import DataError
+
+__all__ = ["load_csv"]
+
+
+def load_csv(
+    csv_path: str | Path, image_dir: str | Path, class_names: list[str] | None = None
+) -> Annotations:
+    """Read ``csv_path``; image paths are relative to ``image_dir``."""
+    path = Path(csv_path)
+    if not path.exists():
+        raise DataError(f"{path}: CSV file not found")
+    image_dir = Path(image_dir)
+    rows: list[tuple[str, list[str]]] = []
+    with path.open(newline="") as f:
+        reader = _csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["image", "labels"]:
+            raise DataError(f"{path}:1: expected header 'image,labels', got {header}")
+        seen: dict[str, int] = {}
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != 2:
+                raise DataError(
+                    f"{path}:{line}: expected 2 columns (image,labels), got {len(row)}: {row}"
+                )
+            image, labels = row[0].strip(), row[1].strip()
+            if not image:
+                raise DataError(f"{path}:{line}: empty image path")
+            if image in seen:
+                raise DataError(
+                    f"{path}:{line}: duplicate image {image!r} (first on line {seen[image]})"
+                )
+            seen[image] = line
+            names = [n.strip() for n in labels.split(";") if n.strip()]
+            rows.append((image, names))
+            if class_names is not None:
+                for n in names:
+                    if n not in class_names:
+                        raise DataError(f"{path}:{line}: unknown label {n!r}")
+    names = (
+        list(class_names) if class_names is not None else sorted({n for _, ns in rows for n in ns})
+    )
+    col = {n: i for i, n in enumerate(names)}
+    targets = np.zeros((len(rows), len(names)), dtype=np.int8)
+    for r, (_, ns) in enumerate(rows):
+        for n in ns:
+            targets[r, col[n]] = 1
+    return Annotations(
+        names=names, images=[image_dir / img for img, _ in rows], targets=targets, source=str(path)
+    )

@@ -1,0 +1,165 @@
+"""Torch dataset, deterministic seeded sampler and data-loader construction.
+
+Augmentation randomness is tied to (run seed, epoch, image), not to worker processes: the
+sampler yields ``(index, seed)`` pairs and the dataset seeds its transform with ``seed``.
+So a run gives the same batches with any number of workers and after ``--resume``, and a
+DDP run shards exactly the same sequence across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mlic.data import Annotations
+from mlic.data.transforms import load_image
+from mlic.errors import DataError
+
+__all__ = ["MultiLabelDataset", "SeededSampler", "build_loader", "load_split"]
+
+
+class MultiLabelDataset(Dataset):
+    """Annotations + transform -> ``(image [3, S, S] float, target [C] float of 1/0/-1)``."""
+
+    def __init__(
+        self,
+        annotations: Annotations,
+        transform: Callable | None = None,
+        draft_size: int | None = None,
+    ) -> None:
+        self.ann = annotations
+        self.transform = transform
+        self.draft_size = draft_size
+        self.targets = torch.from_numpy(annotations.targets.astype(np.float32))  # [N, C]
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img = load_image(self.ann.images[index], self.draft_size)
+        if self.transform is not None:
+            if seed is None:
+                img = self.transform(img)
+            else:
+                # Seed the global RNG that torchvision's transforms draw from, without
+                # disturbing the caller's stream (matters with workers=0).
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    img = self.transform(img)
+        return img, self.targets[index]
+
+
+class SeededSampler(Sampler):
+    """Shuffling, rank-sharded sampler that yields ``(index, augmentation seed)``.
+
+    The order and seeds of epoch ``e`` depend only on ``(seed, e)``. Ranks take interleaved
+    slices of one permutation; with ``pad=True`` (training) the sequence is padded to a
+    multiple of ``num_replicas`` as DistributedSampler does, with ``pad=False`` (evaluation)
+    every image is seen exactly once over all ranks. ``set_epoch(e, start)`` skips the first
+    ``start`` samples of the *global* sequence, so a mid-epoch resume works with any world size.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        pad: bool = True,
+    ) -> None:
+        self.n = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.pad = pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def _indices(self) -> torch.Tensor:
+        remaining = self.n - self.start
+        if self.pad:
+            total = math.ceil(remaining / self.num_replicas) * self.num_replicas
+            return torch.arange(self.rank, total, self.num_replicas)
+        return torch.arange(self.rank, remaining, self.num_replicas)
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g)
+        remaining = order[self.start :]
+        positions = self._indices() % max(len(remaining), 1)  # padding wraps to the start
+        for i in remaining[positions].tolist():
+            yield i, int(seeds[i])
+
+
+def build_loader(
+    dataset: MultiLabelDataset,
+    batch_size: int,
+    sampler: Sampler,
+    workers: int,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """DataLoader with workers, pinned memory (GPU) and persistent workers."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        drop_last=drop_last,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> Annotations:
+    """Read the ``train`` or ``val`` split named by a :class:`~mlic.config.DataConfig`.
+
+    ``class_names`` (the training split's classes) fixes the column order of a val split;
+    a val split whose classes differ from it is an error.
+    """
+    from mlic.data import coco, csv, voc
+
+    which = data_cfg.train if split == "train" else data_cfg.val
+    images = data_cfg.train_images if split == "train" else data_cfg.val_images
+    limit = data_cfg.max_train_images if split == "train" else data_cfg.max_val_images
+    fmt = data_cfg.format
+    if fmt == "demo":
+        from mlic.data.demo import ensure_demo
+
+        ann = voc.load_voc(ensure_demo(data_cfg.root), which)
+    elif fmt == "voc":
+        ann = voc.load_voc(data_cfg.root, which)
+    elif fmt == "coco":
+        if images is None:
+            raise DataError(f"data.{split}_images must name the COCO image folder for {which}")
+        ann = coco.load_coco(Path(data_cfg.root) / which, Path(data_cfg.root) / images)
+    elif fmt == "csv":
+        csv_path = Path(data_cfg.root) / which
+        image_dir = Path(data_cfg.root) / images if images else csv_path.parent
+        ann = csv.load_csv(csv_path, image_dir, class_names=class_names)
+    else:  # config validation lists the allowed formats
+        raise DataError(f"data.format={fmt!r} is not supported")
+    if class_names is not None and ann.names != list(class_names):
+        raise DataError(
+            f"{ann.source}: classes differ from the training split's {list(class_names)}"
+        )
+    if limit is not None and limit < len(ann):
+        ann = ann.subset(np.arange(limit))
+    return ann

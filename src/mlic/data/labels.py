@@ -1,0 +1,204 @@
+"""Label statistics of a training split: counts, co-occurrence, graphs, word vectors.
+
+Everything is derived from the *training* targets only (using validation labels to
+build the graph would leak them), and saved as JSON + ``.npy`` without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from mlic.errors import DataError
+
+__all__ = ["LabelSet", "mlgcn_adjacency", "normalize_adjacency", "load_word_vectors"]
+
+
+def _positive(targets: np.ndarray) -> np.ndarray:
+    """Present-labels as float64 [N, C]; ignore (-1) counts as not present."""
+    return (np.asarray(targets) == 1).astype(np.float64)
+
+
+@dataclass
+class LabelSet:
+    """Ordered class names and the label statistics of a training split.
+
+    Attributes:
+        names: class names, in model output order.
+        counts: [C] number of training images in which each class is present.
+        cooccurrence: [C, C] number of images in which both i and j are present, i != j
+            (diagonal 0).
+        num_images: number of training images the statistics come from.
+        word_vectors: optional [C, D] float32 label embeddings, rows in ``names`` order.
+    """
+
+    names: list[str]
+    counts: np.ndarray
+    cooccurrence: np.ndarray
+    num_images: int = 0
+    word_vectors: np.ndarray | None = None
+
+    @classmethod
+    def from_targets(cls, names: list[str], targets: np.ndarray) -> LabelSet:
+        """Statistics of the given (training) target matrix [N, C] of 1/0/-1."""
+        y = _positive(targets)  # [N, C]
+        if y.shape[1] != len(names):
+            raise DataError(f"{len(names)} class names but targets have {y.shape[1]} columns")
+        co = y.T @ y  # [C, C]
+        counts = np.diag(co).copy()
+        np.fill_diagonal(co, 0)
+        return cls(
+            names=list(names),
+            counts=counts.astype(np.int64),
+            cooccurrence=co.astype(np.int64),
+            num_images=int(y.shape[0]),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def conditional(self) -> np.ndarray:
+        """[C, C] P(j | i) = cooccurrence[i, j] / counts[i]; rows of absent classes are 0."""
+        denom = np.maximum(self.counts, 1).astype(np.float64)[:, None]
+        return (self.cooccurrence / denom).astype(np.float32)
+
+    def mlgcn_adjacency(self, tau: float = 0.4, p: float = 0.2) -> np.ndarray:
+        """ML-GCN's re-weighted, normalised adjacency of this label set (see :func:`mlgcn_adjacency`)."""
+        return mlgcn_adjacency(self.conditional, tau=tau, p=p)
+
+    def with_word_vectors(self, source: str | Path | None) -> LabelSet:
+        """Attach word vectors: ``"glove"`` (shipped VOC/COCO GloVe, matched by name), a ``.npy`` path, or None."""
+        if source is None or source == "" or source == "learnable":
+            self.word_vectors = None
+        else:
+            self.word_vectors = load_word_vectors(source, self.names)
+        return self
+
+    # --- persistence (no pickle) -------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write ``labels.json`` (names, counts, num_images) and ``cooccurrence.npy`` (+ word vectors)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"names": self.names, "counts": self.counts.tolist(), "num_images": self.num_images}
+        (d / "labels.json").write_text(json.dumps(meta, indent=1))
+        np.save(d / "cooccurrence.npy", self.cooccurrence)
+        if self.word_vectors is not None:
+            np.save(d / "word_vectors.npy", self.word_vectors.astype(np.float32))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LabelSet:
+        d = Path(directory)
+        try:
+            meta = json.loads((d / "labels.json").read_text())
+        except FileNotFoundError as e:
+            raise DataError(f"{d / 'labels.json'}: not found") from e
+        except json.JSONDecodeError as e:
+            raise DataError(f"{d / 'labels.json'}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        for key in ("names", "counts"):
+            if key not in meta:
+                raise DataError(f"{d / 'labels.json'}: missing key {key!r}")
+        co = np.load(d / "cooccurrence.npy", allow_pickle=False)
+        wv_path = d / "word_vectors.npy"
+        wv = np.load(wv_path, allow_pickle=False) if wv_path.exists() else None
+        return cls(
+            names=list(meta["names"]),
+            counts=np.asarray(meta["counts"], dtype=np.int64),
+            cooccurrence=co.astype(np.int64),
+            num_images=int(meta.get("num_images", 0)),
+            word_vectors=wv,
+        )
+
+
+def mlgcn_adjacency(conditional: np.ndarray, tau: float = 0.4, p: float = 0.2) -> np.ndarray:
+    """ML-GCN (Chen et al., CVPR 2019) adjacency from conditional probabilities P(j|i).
+
+    1. binarise: A_ij = 1 if P(j|i) >= tau (removes noisy rare edges);
+    2. re-weight against over-smoothing: off-diagonal rows sum to p, self loop weight 1-p;
+    3. symmetric normalisation D^-1/2 A D^-1/2.
+    Returns float32 [C, C].
+    """
+    a = (np.asarray(conditional, dtype=np.float64) >= tau).astype(np.float64)
+    np.fill_diagonal(a, 0.0)
+    row = a.sum(axis=1, keepdims=True)
+    a = np.where(row > 0, a * p / np.maximum(row, 1e-6), 0.0)
+    a = a + np.eye(a.shape[0]) * (1.0 - p)
+    # a class with no neighbours keeps only its self loop of weight (1 - p); normalisation
+    # below rescales it to 1 so no node is silenced.
+    return normalize_adjacency(a).astype(np.float32)
+
+
+def normalize_adjacency(a: np.ndarray) -> np.ndarray:
+    """Symmetric normalisation D^-1/2 A D^-1/2 with D the row-sum degree (zero rows stay zero)."""
+    a = np.asarray(a, dtype=np.float64)
+    deg = a.sum(axis=1)
+    inv = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1e-12)), 0.0)
+    return (inv[:, None] * a * inv[None, :]).astype(np.float32)
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace("_", " ").replace("-", " ")
+
+
+# VOC and COCO name the same classes differently; the shipped files are matched through these.
+_ALIASES = {
+    "tvmonitor": "tv",
+    "tv monitor": "tv",
+    "aeroplane": "airplane",
+    "motorbike": "motorcycle",
+    "sofa": "couch",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+}
+
+
+def _shipped_vectors() -> dict[str, np.ndarray]:
+    """Name -> 300-d GloVe vector from the shipped VOC 2007 and COCO 2014 files."""
+    table: dict[str, np.ndarray] = {}
+    root = resources.files("mlic") / "assets" / "wordvec"
+    for sub in ("coco2014", "voc2007"):
+        names = (root / sub / "labels.txt").read_text().splitlines()
+        with (root / sub / "glove_300d.npy").open("rb") as f:
+            vecs = np.load(f, allow_pickle=False)
+        for name, vec in zip(names, vecs, strict=True):
+            table.setdefault(_normalise_name(name), vec)
+    return table
+
+
+def load_word_vectors(source: str | Path, names: list[str]) -> np.ndarray:
+    """Word vectors [C, D] float32 for ``names``.
+
+    ``source`` is ``"glove"`` for the shipped GloVe vectors of VOC/COCO (matched by name, so
+    COCO's alphabetical file order does not matter), or a ``.npy`` file whose rows follow
+    ``names``. An unmatched name or a row-count mismatch is an error naming it.
+    """
+    if str(source) == "glove":
+        table = _shipped_vectors()
+        out = []
+        for name in names:
+            key = _normalise_name(name)
+            key = _ALIASES.get(key, key) if key not in table else key
+            if key not in table:
+                raise DataError(
+                    f"no shipped GloVe vector for class {name!r}; give a .npy file "
+                    "(model.word_vectors=PATH) or use model.word_vectors=learnable"
+                )
+            out.append(table[key])
+        return np.stack(out).astype(np.float32)
+    path = Path(source)
+    if path.suffix != ".npy":
+        raise DataError(f"{path}: word vectors must be a .npy file (no pickle)")
+    if not path.exists():
+        raise DataError(f"{path}: word-vector file not found")
+    try:
+        vecs = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"{path}: not a plain .npy array ({e})") from e
+    if vecs.ndim != 2 or vecs.shape[0] != len(names):
+        raise DataError(f"{path}: expected [{len(names)}, D] word vectors, got shape {vecs.shape}")
+    return vecs.astype(np.float32)

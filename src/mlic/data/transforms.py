@@ -1,0 +1,101 @@
+"""Image decoding and train/eval transforms.
+
+Decoding uses JPEG DCT-domain downscaling (``Image.draft``) so a large JPEG is decoded at
+roughly the target size, applies EXIF orientation, and converts every colour mode (L, LA,
+P, RGBA, CMYK, I;16) to RGB. Augmentation runs on uint8 tensors; conversion to float and
+normalisation come last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from mlic.errors import DataError
+
+__all__ = ["load_image", "to_rgb", "build_transform"]
+
+# Refuse decompression bombs: PIL raises DecompressionBombError above 2x this many pixels and
+# warns above it. 20,000 x 20,000 is beyond any real photo dataset.
+MAX_IMAGE_PIXELS = 178_956_970
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (alpha composited on white, 16-bit scaled, CMYK converted)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Decode ``path`` to an RGB PIL image, EXIF orientation applied.
+
+    ``draft_size``: for JPEGs, let libjpeg decode at the smallest power-of-two scale that
+    is still at least this many pixels on the short side (much faster for big photos).
+    Raises DataError naming the file when it is missing, unreadable, truncated or too large.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            if draft_size and img.format == "JPEG":
+                w, h = img.size
+                scale = min(w, h) / draft_size
+                if scale >= 2:
+                    img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image file not found") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from e
+
+
+def build_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    randaugment: bool = True,
+    randaugment_magnitude: int = 9,
+    random_erasing: float = 0.0,
+    hflip: bool = True,
+) -> v2.Compose:
+    """PIL RGB image -> normalised float tensor [3, S, S].
+
+    Train: resize to S x S, horizontal flip, RandAugment (on uint8), then Cutout-style random
+    erasing on the normalised tensor. Eval: resize to S x S only. Multi-label images are
+    resized, not centre-cropped, so no labelled object is cut away.
+    """
+    ops: list[torch.nn.Module] = [
+        v2.PILToTensor(),  # [3, H, W] uint8
+        v2.Resize((image_size, image_size), antialias=True),
+    ]
+    if train:
+        if hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        if randaugment:
+            ops.append(v2.RandAugment(magnitude=randaugment_magnitude))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if train and random_erasing > 0:
+        ops.append(v2.RandomErasing(p=random_erasing, value=0))
+    return v2.Compose(ops)

