@@ -283,3 +283,154 @@ class LabelQueryDecoderLayer(nn.Module):
 def tokens_to_maps(weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Attention over flattened positions [B, C, H*W] -> spatial maps [B, C, H, W]."""
     return weights.reshape(weights.shape[0], weights.shape[1], height, width)
+
+
+class GCNStack(nn.Module):
+    """A stack of graph convolutions over label nodes, as in ML-GCN (Chen et al., CVPR 2019).
+
+    ``dims = (D_in, D_1, ..., D_out)`` gives ``len(dims) - 1`` :class:`GraphConvolution`
+    layers ``H_{l+1} = A H_l W_l`` with LeakyReLU(``negative_slope``) between layers and none
+    after the last one (its output is used as-is, e.g. as classifier weights). ``adj`` may be
+    one static graph ``[C, C]`` or a per-image graph ``[B, C, C]`` (then ``h`` is ``[B, C, D]``).
+    ML-GCN's layers have no bias, hence the default.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        negative_slope: float = 0.2,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(dims) < 2:
+            raise ValueError(f"GCNStack needs at least (in, out) dims, got {tuple(dims)}")
+        self.layers = nn.ModuleList(
+            GraphConvolution(d_in, d_out, bias=bias)
+            for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.act = nn.LeakyReLU(negative_slope)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        # h: [C, D_in] or [B, C, D_in], adj: [C, C] or [B, C, C] -> [(B,) C, D_out]
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                h = self.drop(self.act(h))  # [(B,) C, D_i]
+            h = layer(h, adj)  # [(B,) C, D_{i+1}]
+        return h
+
+
+class ClassWiseLinear(nn.Module):
+    """One linear classifier per class: ``logit_c = <W_c, x_c> + b_c`` for label features x [B, C, D].
+
+    The "element-wise" / grouped classifier of SSGRL-style heads, where every class has its
+    own feature vector and its own weights (unlike a shared ``nn.Linear`` that maps one pooled
+    vector to all C logits). Initialised like ``nn.Linear`` (uniform in +-1/sqrt(D)).
+    """
+
+    def __init__(self, num_classes: int, dim: int, bias: bool = True) -> None:
+        super().__init__()
+        bound = dim**-0.5
+        self.weight = nn.Parameter(torch.empty(num_classes, dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., C, D] -> [..., C]
+        out = (x * self.weight).sum(dim=-1)  # [..., C]
+        return out if self.bias is None else out + self.bias
+
+
+def sine_position_encoding(
+    height: int,
+    width: int,
+    dim: int,
+    temperature: float = 10000.0,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Fixed 2-D sine/cosine positional encoding of an ``height x width`` grid, as tokens [H*W, D].
+
+    The DETR/Query2Label form: the first ``D/2`` channels encode the row, the last ``D/2``
+    the column; each half holds sin/cos pairs of the position (normalised to (0, 2*pi]) at
+    geometrically spaced frequencies ``temperature ** (2k / (D/2))``. Normalising by the grid
+    size makes the encoding independent of the input resolution. Rows are flattened row-major,
+    matching ``x.flatten(2)`` of a ``[B, D, H, W]`` map. ``dim`` must be divisible by 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sine position encoding needs dim divisible by 4, got {dim}")
+    half = dim // 2
+    eps = 1e-6
+    scale = 2 * torch.pi
+    ys = torch.arange(1, height + 1, device=device, dtype=torch.float32) / (height + eps) * scale
+    xs = torch.arange(1, width + 1, device=device, dtype=torch.float32) / (width + eps) * scale
+    k = torch.arange(half, device=device, dtype=torch.float32)
+    freqs = temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / half)  # [D/2]
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos[:, None] / freqs  # [N, D/2]
+        # even channels sin, odd channels cos, interleaved
+        return torch.stack((angles[:, 0::2].sin(), angles[:, 1::2].cos()), dim=2).flatten(1)
+
+    pos_y = encode(ys)[:, None, :].expand(height, width, half)  # [H, W, D/2]
+    pos_x = encode(xs)[None, :, :].expand(height, width, half)  # [H, W, D/2]
+    return torch.cat((pos_y, pos_x), dim=-1).reshape(height * width, dim).to(dtype)  # [H*W, D]
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-norm Transformer encoder layer over image tokens, positions added to queries and keys.
+
+    DETR-style: ``q = k = x + pos``, ``v = x`` (the positional encoding steers where a token
+    looks without being mixed into the values), then residual + LayerNorm, FFN, residual +
+    LayerNorm. Attention goes through :class:`CrossAttention` (fused SDPA kernel).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.attn = CrossAttention(dim, num_heads, dropout)
+        self.norm_attn = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, ffn_dim, dropout)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, L, D], pos: [1 or B, L, D] -> [B, L, D]
+        qk = x if pos is None else x + pos  # [B, L, D]
+        attn, _ = self.attn(qk, qk, x)  # [B, L, D]
+        x = self.norm_attn(x + self.drop(attn))  # [B, L, D]
+        return self.norm_ffn(x + self.ffn(x))  # [B, L, D]
+
+
+class ClassWiseAttention(nn.Module):
+    """Class-wise spatial attention pooling: one softmax map per class -> label features [B, C, D].
+
+    A 1x1 convolution ``D -> C`` scores every position for every class; a softmax over the
+    ``h*w`` positions turns the scores into maps that sum to 1, and the label feature of
+    class c is the map-weighted sum ``f_c = sum_p a_cp x_p`` (the attention pooling of
+    WILDCAT / SSGRL / ADD-GCN's semantic attention). No bias: a per-class constant over
+    positions cancels in the softmax. Runs through ``scaled_dot_product_attention`` with the
+    C conv kernels as queries (scale 1, so it is exactly conv + softmax); the maps are
+    computed explicitly only when asked for.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.score = nn.Conv2d(dim, num_classes, kernel_size=1, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # x: [B, D, h, w] -> label features [B, C, D] (, maps [B, C, h, w])
+        b, d, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        queries = self.score.weight.view(1, -1, d).to(tokens.dtype)  # [1, C, D]
+        if need_weights:
+            attn = torch.softmax(queries @ tokens.transpose(1, 2), dim=-1)  # [B, C, N]
+            return attn @ tokens, tokens_to_maps(attn, h, w)  # [B, C, D], [B, C, h, w]
+        q = queries.expand(b, -1, -1).unsqueeze(1)  # [B, 1, C, D]
+        feats = torch.nn.functional.scaled_dot_product_attention(
+            q, tokens.unsqueeze(1), tokens.unsqueeze(1), scale=1.0
+        )  # [B, 1, C, D]
+        return feats.squeeze(1), None
