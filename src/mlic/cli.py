@@ -77,11 +77,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mlic.evaluate import evaluate_checkpoint
 
-    out = evaluate_checkpoint(args.target, args.overrides, output=args.output, split=args.split)
+    out = evaluate_checkpoint(
+        args.target,
+        args.overrides,
+        output=args.output,
+        split=args.split,
+        tune_thresholds=args.tune_thresholds,
+    )
     from mlic.viz import metric_table
 
     print(metric_table(out["metrics"]))
     print(f"\nreport: {out['report']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mlic.evaluate import resolve_target
+    from mlic.inference import Predictor
+    from mlic.predict import format_table, run_predict, write_predictions
+
+    ckpt, _ = resolve_target(args.checkpoint)
+    if args.backend == "onnxruntime":
+        from mlic.export import OnnxPredictor
+
+        predictor = OnnxPredictor.from_checkpoint(ckpt, threads=args.threads)
+    else:
+        predictor = Predictor.from_checkpoint(ckpt, device=args.device)
+    heat = Path(args.heatmaps) if args.heatmaps else None
+    summary = run_predict(predictor, args.inputs, batch_size=args.batch_size, threshold=args.threshold,
+                          top_k=args.top_k, heatmaps=heat, progress=not args.quiet)  # fmt: skip
+    if args.output:
+        write_predictions(summary.predictions, predictor.names, Path(args.output))
+        print(f"{len(summary.predictions)} predictions written to {args.output}")
+    else:
+        print(format_table(summary.predictions))
+    if heat is not None:
+        print(f"heat maps in {heat}")
+    for problem in summary.failed:
+        print(f"mlic: skipped: {problem}", file=sys.stderr)
+    if summary.failed:
+        print(f"mlic: {len(summary.failed)} input(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mlic.evaluate import resolve_target
+    from mlic.export import export_checkpoint
+
+    ckpt, _ = resolve_target(args.checkpoint)
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}[
+        args.format
+    ]
+    output = Path(args.output) if args.output else ckpt.with_suffix(suffix)
+    result = export_checkpoint(ckpt, output, format=args.format, image_size=args.image_size)
+    print(
+        f"exported {args.format} to {result.path}; max |p_export - p_eager| = {result.max_abs_diff:.2e}"
+    )
     return 0
 
 
@@ -137,7 +189,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--output", help="folder for metrics.json and report.md (default: beside the target)"
     )
+    s.add_argument(
+        "--tune-thresholds",
+        action="store_true",
+        help="pick per-class thresholds maximising F1 on this split; store them in the checkpoint",
+    )
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("predict", help="predict labels for image files, folders or globs")
+    s.add_argument("checkpoint", help=".safetensors checkpoint or run folder")
+    s.add_argument("inputs", nargs="+", help="image files, folders (recursive) or globs")
+    s.add_argument(
+        "--threshold", type=float, help="one threshold for all labels (default: tuned, else 0.5)"
+    )
+    s.add_argument("--top-k", type=int, help="at most this many labels per image")
+    s.add_argument("--output", help="write results to a .csv or .jsonl file instead of a table")
+    s.add_argument(
+        "--heatmaps", metavar="DIR", help="write attention overlays per predicted label + a grid"
+    )
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    s.add_argument("--threads", type=int, help="intra-op threads for onnxruntime")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser(
+        "export", help="export a checkpoint to ONNX, TorchScript or an ExportedProgram"
+    )
+    s.add_argument("checkpoint", help=".safetensors checkpoint or run folder")
+    s.add_argument("--format", choices=["onnx", "torchscript", "exported-program"], default="onnx")
+    s.add_argument("--output", help="output file (default: beside the checkpoint)")
+    s.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     s.add_argument("filter", nargs="?", help="only names containing this")

@@ -11,9 +11,10 @@ import numpy as np
 from mlic.config import load_config
 from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader, load_split
 from mlic.data.transforms import build_transform
-from mlic.engine.checkpoint import load_checkpoint
+from mlic.engine.checkpoint import load_checkpoint, update_metadata
 from mlic.engine.trainer import evaluate, resolve_device
 from mlic.errors import ConfigError
+from mlic.metrics import best_f1_thresholds, multilabel_metrics
 
 __all__ = ["evaluate_checkpoint", "resolve_target"]
 
@@ -38,8 +39,13 @@ def evaluate_checkpoint(
     overrides: list[str] | None = None,
     output: str | Path | None = None,
     split: str = "val",
+    tune_thresholds: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``target`` on ``split`` of its run's data config (or the ``data.*`` overrides)."""
+    """Evaluate ``target`` on ``split`` of its run's data config (or the ``data.*`` overrides).
+
+    ``tune_thresholds``: choose per-class thresholds maximising each class's F1 on this split
+    and store them in the checkpoint's metadata (``mlic predict`` then uses them).
+    """
     ckpt, run_cfg = resolve_target(target)
     cfg = load_config(run_cfg, overrides)
     model, meta = load_checkpoint(ckpt)
@@ -54,6 +60,16 @@ def evaluate_checkpoint(
                           SeededSampler(len(ds), shuffle=False, pad=False), cfg.data.workers)  # fmt: skip
     results, per_class, scores, targets = evaluate(model, loader, device, amp=cfg.train.amp,
                                                    progress=cfg.run.progress)  # fmt: skip
+    thresholds = None
+    if tune_thresholds:
+        thresholds = best_f1_thresholds(scores, targets)
+        update_metadata(
+            ckpt,
+            thresholds=[round(float(t), 6) for t in thresholds],
+            thresholds_from=f"{cfg.data.format}:{split}",
+        )
+        tuned = multilabel_metrics(scores, targets, threshold=thresholds)
+        results = {**results, **{f"tuned_{k}": v for k, v in tuned.items() if k != "mAP"}}
     out = Path(output) if output else ckpt.parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -69,9 +85,68 @@ def evaluate_checkpoint(
     np.save(out / "scores.npy", scores.astype(np.float32))
     from mlic.viz import write_report
 
+    sections = report_sections(out, names, scores, targets, ann.images, thresholds)
     report = write_report(
         out, title=f"{meta['model']} evaluated on {cfg.data.format} {split}", names=names,
         scores=scores, targets=targets, per_class_ap=per_class, results=results,
-        extra={"checkpoint": ckpt, "images": len(ann), "input size": size},
+        extra={"checkpoint": ckpt, "images": len(ann), "input size": size}, sections=sections,
     )  # fmt: skip
     return {"metrics": results, "per_class_ap": per_class, "report": report, "output": out}
+
+
+def _thumbnail_strip(items: list[tuple[Path, str]], path: Path, size: int = 160) -> Path | None:
+    """A row of labelled thumbnails (image path, caption) saved as one PNG."""
+    import matplotlib.pyplot as plt
+
+    from mlic.data.transforms import load_image
+
+    if not items:
+        return None
+    fig, axes = plt.subplots(1, len(items), figsize=(2.4 * len(items), 2.8), squeeze=False)
+    for ax, (img_path, caption) in zip(axes[0], items, strict=True):
+        ax.axis("off")
+        try:
+            img = load_image(img_path, draft_size=size)
+            img.thumbnail((size, size))
+            ax.imshow(img)
+        except Exception:  # a report must not fail on one unreadable thumbnail
+            ax.text(0.5, 0.5, "unreadable", ha="center")
+        ax.set_title(caption, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report_sections(
+    out: Path,
+    names: list[str],
+    scores: np.ndarray,
+    targets: np.ndarray,
+    images: list[Path],
+    thresholds: np.ndarray | None,
+    k: int = 6,
+) -> list[str]:
+    """Extra report blocks: co-occurrence heat map, most confident false positives/negatives."""
+    from mlic.viz import plot_cooccurrence
+
+    plot_cooccurrence(names, targets, out / "cooccurrence.png")
+    sections = ["## Label co-occurrence (this split)", "", "![co-occurrence](cooccurrence.png)", ""]
+    thr = np.full(len(names), 0.5) if thresholds is None else np.asarray(thresholds)
+    fp = np.argwhere((targets == 0) & (scores >= thr))  # [n, 2] (image, class)
+    fn = np.argwhere((targets == 1) & (scores < thr))
+    fp = fp[np.argsort(-scores[fp[:, 0], fp[:, 1]])][:k] if len(fp) else fp
+    fn = fn[np.argsort(scores[fn[:, 0], fn[:, 1]])][:k] if len(fn) else fn
+    for title, rows, fname in (
+        ("Most confident false positives", fp, "false_positives.png"),
+        ("Most confident false negatives", fn, "false_negatives.png"),
+    ):
+        items = [
+            (images[i], f"{names[c]} p={scores[i, c]:.2f}\n{Path(images[i]).name}") for i, c in rows
+        ]
+        sections += [f"## {title}", ""]
+        if _thumbnail_strip(items, out / fname) is None:
+            sections += ["None at this threshold.", ""]
+        else:
+            sections += [f"![{title}]({fname})", ""]
+    return sections

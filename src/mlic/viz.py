@@ -24,6 +24,8 @@ __all__ = [
     "plot_cooccurrence",
     "precision_recall_curve",
     "write_report",
+    "overlay_heatmap",
+    "heatmap_grid",
 ]
 
 METRIC_KEYS = ["mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"]
@@ -177,4 +179,37 @@ def write_report(
     lines += list(sections)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- attention heat maps
+def overlay_heatmap(image: Any, attention: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Any:
+    """Blend a label's attention map [h, w] (any scale) over a PIL image, as a PIL RGB image.
+
+    The map is min-max normalised, upsampled bilinearly to the image size and coloured.
+    """
+    from PIL import Image
+
+    a = np.asarray(attention, dtype=np.float64)
+    a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
+    heat = Image.fromarray((a * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    colours = (matplotlib.colormaps[cmap](np.asarray(heat) / 255.0)[..., :3] * 255).astype(np.uint8)
+    return Image.blend(image.convert("RGB"), Image.fromarray(colours), alpha)
+
+
+def heatmap_grid(image: Any, overlays: Sequence[Any], titles: Sequence[str], path: Path, columns: int = 4) -> Path:
+    """One PNG: the original image and every labelled overlay, titled with label and probability."""
+    panels = [image, *overlays]
+    names = ["input", *titles]
+    cols = min(columns, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, panel, name in zip(axes.flat, panels, names, strict=False):
+        ax.imshow(panel)
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

@@ -33,6 +33,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_metadata",
+    "update_metadata",
     "save_resume",
     "load_resume",
     "unwrap_model",
@@ -174,6 +175,20 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
             parts.append(f"shape mismatch {shapes[:3]}")
         raise CheckpointError(f"{where}: weights do not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def update_metadata(path: str | Path, **updates: Any) -> dict[str, Any]:
+    """Rewrite a checkpoint's metadata (e.g. tuned thresholds), tensors unchanged, atomically."""
+    path = Path(path)
+    meta = read_metadata(path)
+    meta.update(updates)
+    tensors = load_file(str(path))
+    try:
+        encoded = {k: json.dumps(v) for k, v in meta.items()}
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from e
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=encoded))
+    return meta
 
 
 def save_resume(state: dict[str, Any], path: str | Path) -> None:

@@ -17,6 +17,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ class TrainingStopped(MlicError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class EvalInterrupted(Exception):
+    """A stop signal arrived during evaluation."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -170,11 +175,18 @@ def evaluate(
     amp: str = "off",
     channels_last: bool = False,
     progress: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
-    """Metrics over the whole loader (synced across ranks): ``(metrics, per-class AP, scores, targets)``."""
+    """Metrics over the whole loader (synced across ranks): ``(metrics, per-class AP, scores, targets)``.
+
+    ``should_stop`` is polled between batches; when it returns True, :class:`EvalInterrupted`
+    is raised so the caller can save a resume point.
+    """
     model.eval()
     metric = MultiLabelMetrics().to(device)
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        if should_stop is not None and should_stop():
+            raise EvalInterrupted
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -217,7 +229,15 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second signal: stop now, without a resume point
+            raise KeyboardInterrupt
         self.signal = signum
+        log.warning(
+            "signal %d: saving a resume point at the next step (send again to abort)", signum
+        )
+
+    def __call__(self) -> bool:
+        return self.signal is not None
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -257,7 +277,6 @@ def train(
     config (``cfg`` may then be None). ``stop_after_steps`` simulates an
     interruption after that many optimiser steps (tests).
     """
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
     resume_state = None
     if resume is not None:
         rpath = Path(resume)
@@ -270,6 +289,8 @@ def train(
         resume_state = load_resume(rpath)
     if cfg is None:
         raise ConfigError("train() needs a config or a resume folder")
+    if resume is None:
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
 
     device = resolve_device(cfg.train.device)
     dist = dist_utils.init_distributed(device)
@@ -358,6 +379,7 @@ def train(
             state.step,
         )
 
+    batch_hook = getattr(model, "on_train_batch_end", None)
     compiled = torch.compile(model) if cfg.train.compile else model
     train_model: nn.Module = compiled
     if dist.enabled:
@@ -422,6 +444,8 @@ def train(
                 loss = criterion(logits.float(), targets)
                 scaler.scale(loss / cfg.train.accum_steps).backward()
                 loss_acc += loss.detach()
+                if batch_hook is not None:  # e.g. AAMN's categorical memory update
+                    batch_hook(targets)
                 n_acc += 1
                 done_batches += 1
                 state.consumed += global_batch
@@ -474,13 +498,28 @@ def train(
             train_time = time.perf_counter() - t0
 
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                ev = dict(device=device, amp=cfg.train.amp, channels_last=cfg.train.channels_last)
-                res, ap, scores, tg = evaluate(unwrap_model(model), val_loader, **ev)
-                ema_res = None
-                candidates = [("model", res, ap, scores, tg, unwrap_model(model))]
-                if ema is not None:
-                    ema_res, ema_ap, ema_scores, _ = evaluate(ema.module, val_loader, **ev)
-                    candidates.append(("ema", ema_res, ema_ap, ema_scores, tg, ema.module))
+                ev = dict(
+                    device=device,
+                    amp=cfg.train.amp,
+                    channels_last=cfg.train.channels_last,
+                    should_stop=stop,
+                )
+                try:
+                    res, ap, scores, tg = evaluate(unwrap_model(model), val_loader, **ev)
+                    ema_res = None
+                    candidates = [("model", res, ap, scores, tg, unwrap_model(model))]
+                    if ema is not None:
+                        ema_res, ema_ap, ema_scores, _ = evaluate(ema.module, val_loader, **ev)
+                        candidates.append(("ema", ema_res, ema_ap, ema_scores, tg, ema.module))
+                except EvalInterrupted:
+                    # The epoch's training is done and counted in ``state``: resuming skips
+                    # straight to this evaluation.
+                    if dist.is_main:
+                        save_resume(resume_payload(), run_dir / "last.resume.pt")
+                    raise TrainingStopped(
+                        f"stopped during evaluation of epoch {epoch + 1}; resume with `mlic train --resume {run_dir}`",
+                        exit_code=128 + (stop.signal or 0),
+                    ) from None
                 row = _metrics_row(
                     epoch + 1,
                     train_loss,

@@ -1,6 +1,20 @@
-"""Model families. Importing this package registers every model variant."""
+"""Model families, one per module. Importing this package registers every model variant.
 
-from mlic.models import baseline  # noqa: F401  (registers models)
+Every module here other than the infrastructure ones (registry, backbone, layers,
+pretrained) is a model family whose ``@register_model`` functions run on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
 from mlic.models.registry import create_model, is_model, list_models, register_model
 
 __all__ = ["create_model", "list_models", "register_model", "is_model"]
+
+_INFRASTRUCTURE = {"registry", "backbone", "layers", "pretrained"}
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod not in _INFRASTRUCTURE:
+        importlib.import_module(f"{__name__}.{_mod}")

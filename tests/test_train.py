@@ -1,0 +1,117 @@
+"""End-to-end training on a tiny VOC-layout set: run folder, resume, evaluation, report."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mlic
+from conftest import TINY_BACKBONE
+from mlic.cli import main
+from mlic.config import load_config
+from mlic.engine.checkpoint import atomic_write, load_resume
+from mlic.engine.trainer import TrainingStopped, train
+
+
+def tiny_cfg(voc: Path, out: Path, name: str, **over: str):
+    base = {
+        "data.format": "voc", "data.root": str(voc), "data.image_size": "64", "data.batch_size": "8",
+        "data.workers": "0", "model.backbone": TINY_BACKBONE, "model.pretrained": "false",
+        "train.epochs": "2", "optim.lr": "0.003", "run.output_dir": str(out), "run.name": name,
+        "run.progress": "false", "run.tensorboard": "false", "data.randaugment": "true",
+        "data.random_erasing": "0.25", "train.ema_decay": "0.9",
+    }  # fmt: skip
+    base.update(over)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_writes_the_run_folder(tiny_voc: Path, tmp_path: Path) -> None:
+    result = train(tiny_cfg(tiny_voc, tmp_path, "a", **{"run.tensorboard": "true"}))
+    run = tmp_path / "a"
+    for f in ("config.yaml", "metrics.csv", "best.safetensors", "last.resume.pt", "report.md",
+              "per_class_ap.png", "pr_curves.png", "labels/labels.json", "labels/cooccurrence.npy"):  # fmt: skip
+        assert (run / f).exists(), f
+    assert any((run / "tb").iterdir())
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"mAP", "CF1", "OF1", "ema_mAP", "train_loss"} <= set(rows[0])
+    best = max(max(float(r["mAP"]), float(r["ema_mAP"])) for r in rows)
+    assert result["best_mAP"] == pytest.approx(best, abs=1e-6)
+    model, meta = mlic.load_checkpoint(run / "best.safetensors")
+    assert meta["label_names"] == ["cat", "dog", "car", "person", "tree"]
+    assert meta["input_size"] == [3, 64, 64] and meta["model"] == "baseline"
+    assert meta["weights"] in ("model", "ema")
+    assert meta["metrics"]["mAP"] == pytest.approx(best, abs=1e-6)
+    report = (run / "report.md").read_text()
+    assert "| mAP | CP | CR | CF1 | OP | OR | OF1 |" in report and "per_class_ap.png" in report
+    assert load_config(run / "config.yaml").model.backbone == TINY_BACKBONE
+
+
+def test_resume_after_interruption_is_bit_identical(tiny_voc: Path, tmp_path: Path) -> None:
+    train(tiny_cfg(tiny_voc, tmp_path, "full"))
+    # 24 images / batch 8 = 3 steps per epoch: stop mid-way through epoch 1, then again in epoch 2
+    with pytest.raises(TrainingStopped):
+        train(tiny_cfg(tiny_voc, tmp_path, "cut"), stop_after_steps=2)
+    state = load_resume(tmp_path / "cut" / "last.resume.pt")
+    assert state["run"]["epoch"] == 0 and state["run"]["step"] == 2
+    with pytest.raises(TrainingStopped):
+        train(None, resume=tmp_path / "cut", stop_after_steps=4)
+    train(None, resume=tmp_path / "cut")
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    for a, b in zip(full, cut, strict=True):
+        for key in ("train_loss", "mAP", "ema_mAP", "CF1", "OF1"):
+            assert a[key] == b[key], (key, a, b)
+    wa = load_file(str(tmp_path / "full" / "best.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "best.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_worker_count_does_not_change_training(tiny_voc: Path, tmp_path: Path) -> None:
+    over = {"train.epochs": "1", "train.ema": "false"}
+    train(tiny_cfg(tiny_voc, tmp_path, "w0", **over))
+    train(tiny_cfg(tiny_voc, tmp_path, "w2", **over, **{"data.workers": "2"}))
+    assert read_metrics(tmp_path / "w0")[0]["train_loss"] == read_metrics(tmp_path / "w2")[0]["train_loss"]
+
+
+def test_eval_cli_on_run_and_checkpoint(tiny_voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train(tiny_cfg(tiny_voc, tmp_path, "e", **{"train.epochs": "1"}))
+    assert main(["eval", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "| mAP |" in out
+    assert (tmp_path / "e" / "eval-val" / "report.md").exists()
+    # a bare checkpoint with data given on the command line
+    ck = tmp_path / "copy.safetensors"
+    ck.write_bytes((tmp_path / "e" / "best.safetensors").read_bytes())
+    code = main(["eval", str(ck), "data.format=voc", f"data.root={tiny_voc}", "data.workers=0", "run.progress=false",
+                 "--output", str(tmp_path / "ev")])  # fmt: skip
+    assert code == 0
+    import json
+
+    payload = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert payload["num_images"] == 12 and 0 <= payload["metrics"]["mAP"] <= 1
+    scores = np.load(tmp_path / "ev" / "scores.npy")
+    assert scores.shape == (12, 5)
+
+
+def test_atomic_write_keeps_previous_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "best.safetensors"
+    target.write_bytes(b"previous")
+
+    def crash(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, crash)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]
