@@ -1,0 +1,145 @@
+"""Using a trained model from its checkpoint alone: predict, explain, thresholds, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mlic
+from conftest import TINY_BACKBONE, make_voc
+from mlic.cli import main
+from mlic.config import load_config
+from mlic.engine.checkpoint import read_metadata
+from mlic.engine.trainer import train
+
+NAMES = ["cat", "dog", "car", "person", "tree"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, VOC folder) of a baseline trained for a few steps on a tiny generated set."""
+    root = tmp_path_factory.mktemp("predict")
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        return [[(NAMES[c], 0) for c in rng.choice(5, size=2, replace=False)] for _ in range(n)]
+
+    voc = make_voc(root, {"train": sample(16), "val": sample(10)}, labels_txt=NAMES)
+    over = {"data.format": "voc", "data.root": str(voc), "data.image_size": "64", "data.batch_size": "8",
+            "data.workers": "0", "model.backbone": TINY_BACKBONE, "model.pretrained": "false",
+            "train.epochs": "1", "run.output_dir": str(root / "runs"), "run.name": "p", "run.progress": "false",
+            "run.tensorboard": "false"}  # fmt: skip
+    train(load_config(None, [f"{k}={v}" for k, v in over.items()]))
+    return root / "runs" / "p" / "best.safetensors", voc
+
+
+def test_predictor_accepts_every_input_kind(trained: tuple[Path, Path]) -> None:
+    ckpt, voc = trained
+    pred = mlic.Predictor.from_checkpoint(ckpt)
+    path = sorted((voc / "JPEGImages").glob("*.jpg"))[0]
+    pil = Image.open(path).convert("RGB")
+    arr = np.asarray(pil)
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [3, H, W] uint8
+    by_path, by_pil, by_arr = pred.predict([path, pil, arr])
+    by_tensor = pred.predict(tensor.unsqueeze(0))[0]
+    for other in (by_pil, by_arr):
+        np.testing.assert_allclose(other.probabilities, by_path.probabilities, atol=1e-6)
+    # tensor inputs are resized by interpolation instead of PIL: close, not identical
+    np.testing.assert_allclose(by_tensor.probabilities, by_path.probabilities, atol=0.05)
+    assert set(by_path.scores) == set(NAMES)
+    assert by_path.labels == [
+        n for n in sorted(NAMES, key=lambda n: -by_path.scores[n]) if by_path.scores[n] >= 0.5
+    ]
+    top1 = pred.predict(path, threshold=0.0, top_k=1)[0]
+    assert len(top1.labels) == 1 and top1.labels[0] == max(by_path.scores, key=by_path.scores.get)
+    with_maps = pred.predict(path, return_attention=True)[0]
+    assert with_maps.attention.shape[0] == len(NAMES)
+
+
+def test_cli_predict_skips_broken_files_and_writes_csv(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ckpt, voc = trained
+    folder = tmp_path / "imgs" / "nested"
+    folder.mkdir(parents=True)
+    for p in sorted((voc / "JPEGImages").glob("*.jpg"))[:5]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_text("this is not a JPEG")
+    out = tmp_path / "pred.csv"
+    code = main(
+        [
+            "predict",
+            str(ckpt),
+            str(tmp_path / "imgs"),
+            str(tmp_path / "missing.png"),
+            "--output",
+            str(out),
+            "-q",
+        ]
+    )
+    assert code == 1  # some inputs failed, the rest were predicted
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["image", "labels", *NAMES] and len(rows) == 6
+    assert all(Path(r[0]).name != "broken.jpg" for r in rows[1:])
+    jsonl = tmp_path / "pred.jsonl"
+    assert main(["predict", str(ckpt), str(folder / "0*.jpg"), "--output", str(jsonl), "-q",
+                 "--threshold", "0.0", "--top-k", "2"]) == 0  # fmt: skip
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert len(lines) == 5 and all(len(x["labels"]) == 2 for x in lines)
+
+
+def test_cli_predict_heatmaps(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, voc = trained
+    image = sorted((voc / "JPEGImages").glob("*.jpg"))[0]
+    heat = tmp_path / "heat"
+    assert (
+        main(
+            [
+                "predict",
+                str(ckpt),
+                str(image),
+                "--threshold",
+                "0.0",
+                "--top-k",
+                "3",
+                "--heatmaps",
+                str(heat),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert "image" in capsys.readouterr().out
+    overlays = sorted(heat.glob("*__*.png"))
+    grids = [p for p in overlays if p.name.endswith("__grid.png")]
+    assert len(grids) == 1 and len(overlays) == 4  # 3 labels + the grid
+    assert Image.open(overlays[0]).size == Image.open(image).size
+
+
+def test_eval_tunes_thresholds_that_predict_uses(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, voc = trained
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(src.read_bytes())
+    assert main(["eval", str(ckpt), "data.format=voc", f"data.root={voc}", "data.workers=0", "run.progress=false",
+                 "--tune-thresholds", "--output", str(tmp_path / "ev")]) == 0  # fmt: skip
+    thr = read_metadata(ckpt)["thresholds"]
+    assert len(thr) == 5 and all(0.0 <= t <= 1.0 for t in thr)
+    report = (tmp_path / "ev" / "report.md").read_text()
+    for section in ("co-occurrence", "false positives", "false negatives"):
+        assert section in report
+    assert (tmp_path / "ev" / "cooccurrence.png").exists()
+    pred = mlic.Predictor.from_checkpoint(ckpt)
+    p = pred.predict(sorted((voc / "JPEGImages").glob("*.jpg"))[0])[0]
+    assert p.labels == [
+        n for n in sorted(NAMES, key=lambda n: -p.scores[n]) if p.scores[n] >= thr[NAMES.index(n)]
+    ]
