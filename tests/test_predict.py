@@ -143,3 +143,42 @@ def test_eval_tunes_thresholds_that_predict_uses(
     assert p.labels == [
         n for n in sorted(NAMES, key=lambda n: -p.scores[n]) if p.scores[n] >= thr[NAMES.index(n)]
     ]
+
+
+def test_cli_export_onnx_agrees_with_eager_and_predicts(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, voc = trained
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(src.read_bytes())
+    assert main(["export", str(ckpt), "--format", "onnx"]) == 0
+    onnx_path = ckpt.with_suffix(".onnx")
+    assert onnx_path.exists()
+    from mlic.export import verify_onnx
+    from mlic.inference import OnnxPredictor
+
+    model, _ = mlic.load_checkpoint(ckpt)
+    assert verify_onnx(onnx_path, model, 64, batch_sizes=(1, 4)) < 1e-4
+    images = sorted((voc / "JPEGImages").glob("*.jpg"))[:3]
+    eager = mlic.Predictor.from_checkpoint(ckpt).predict(images)
+    onnx = OnnxPredictor.from_checkpoint(onnx_path).predict(images)
+    for a, b in zip(eager, onnx, strict=True):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-4)
+        assert a.labels == b.labels
+    out = tmp_path / "o.jsonl"
+    assert (
+        main(
+            [
+                "predict",
+                str(onnx_path),
+                *map(str, images),
+                "--backend",
+                "onnxruntime",
+                "--output",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert len(out.read_text().splitlines()) == 3

@@ -98,7 +98,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     ckpt, _ = resolve_target(args.checkpoint)
     if args.backend == "onnxruntime":
-        from mlic.export import OnnxPredictor
+        from mlic.inference import OnnxPredictor
 
         predictor = OnnxPredictor.from_checkpoint(ckpt, threads=args.threads)
     else:
@@ -126,10 +126,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mlic.export import export_checkpoint
 
     ckpt, _ = resolve_target(args.checkpoint)
-    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}[
-        args.format
-    ]
-    output = Path(args.output) if args.output else ckpt.with_suffix(suffix)
+    output = Path(args.output) if args.output else None  # default: beside the checkpoint
     result = export_checkpoint(ckpt, output, format=args.format, image_size=args.image_size)
     print(
         f"exported {args.format} to {result.path}; max |p_export - p_eager| = {result.max_abs_diff:.2e}"

@@ -21,7 +21,7 @@ from mlic.data.transforms import build_transform, load_image, to_rgb
 from mlic.engine.checkpoint import load_checkpoint
 from mlic.errors import DataError
 
-__all__ = ["Prediction", "Predictor", "ImageInput"]
+__all__ = ["Prediction", "Predictor", "OnnxPredictor", "ImageInput"]
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -181,3 +181,57 @@ class Predictor:
             kept = list(pils) if keep_images else [None] * len(pils)
             results += self._results(probs, maps, sources, threshold, top_k, kept)
         return results
+
+
+class OnnxPredictor(Predictor):
+    """A :class:`Predictor` that runs an exported ONNX graph with ONNX Runtime.
+
+    Same pre-processing, thresholds and outputs as the PyTorch predictor (no attention maps:
+    the exported graph returns probabilities only). Built from an ``.onnx`` file written by
+    ``mlic export``, or from a checkpoint, which is then exported once (verified against
+    eager PyTorch) into the cache folder and reused while the checkpoint is unchanged.
+    """
+
+    def __init__(self, session: Any, metadata: dict[str, Any]) -> None:
+        self.session = session
+        self.device = torch.device("cpu")
+        self.model = None  # type: ignore[assignment]
+        self.meta = metadata
+        self.names = list(metadata["label_names"])
+        self.image_size = int(metadata["input_size"][-1])
+        self.transform = build_transform(
+            self.image_size, metadata["mean"], metadata["std"], train=False
+        )
+        stored = metadata.get("thresholds")
+        self.thresholds = np.asarray(stored, dtype=np.float32) if stored is not None else None
+        self.input_name = session.get_inputs()[0].name
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, threads: int | None = None) -> OnnxPredictor:  # type: ignore[override]
+        import hashlib
+
+        from mlic.export import export_checkpoint, onnx_session, read_export_metadata
+        from mlic.models.pretrained import cache_dir
+
+        path = Path(path)
+        if path.suffix != ".onnx":
+            stat = path.stat()
+            key = hashlib.sha256(
+                f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+            ).hexdigest()[:16]
+            onnx_path = cache_dir() / "onnx" / f"{path.stem}-{key}.onnx"
+            if not onnx_path.exists():
+                onnx_path.parent.mkdir(parents=True, exist_ok=True)
+                export_checkpoint(path, onnx_path, format="onnx")
+            path = onnx_path
+        return cls(onnx_session(path, threads=threads), read_export_metadata(path))
+
+    def predict_tensor(
+        self, batch: torch.Tensor, return_attention: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if return_attention:
+            raise DataError(
+                "the onnxruntime backend gives no attention maps; use --backend torch for heat maps"
+            )
+        probs = self.session.run(None, {self.input_name: batch.numpy().astype(np.float32)})[0]
+        return np.asarray(probs, dtype=np.float32), None

@@ -212,7 +212,10 @@ class AttnGCN(MultiLabelModel):
         else:
             queries = self.attention.weight.flatten(1).to(tokens.dtype)  # [C, D]
             queries = queries.unsqueeze(0).expand(b, -1, -1)  # [B, C, D]
-            local = F.scaled_dot_product_attention(queries, tokens, tokens, scale=1.0)  # [B, C, D]
+            # a heads axis of 1: exporters (ONNX) translate only 4-D attention
+            local = F.scaled_dot_product_attention(
+                queries.unsqueeze(1), tokens.unsqueeze(1), tokens.unsqueeze(1), scale=1.0
+            ).squeeze(1)  # [B, C, D]
         glob = x.amax(dim=(2, 3))  # [B, D]
         alpha = self.fusion_weight.unsqueeze(-1)  # [C or 1, 1]
         fused = alpha * local + (1.0 - alpha) * glob.unsqueeze(1)  # [B, C, D]
