@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from mlic.engine.faults import maybe_kill
 from mlic.errors import CheckpointError
 
 __all__ = [
@@ -51,6 +52,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        maybe_kill("kill_in_write", path.name)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

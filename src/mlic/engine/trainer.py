@@ -42,6 +42,7 @@ from mlic.engine.checkpoint import (
     save_resume,
     unwrap_model,
 )
+from mlic.engine.faults import maybe_kill
 from mlic.errors import ConfigError, DataError, MlicError
 from mlic.losses import loss_from_config
 from mlic.metrics import MultiLabelMetrics, average_precision_per_class, multilabel_metrics
@@ -286,7 +287,10 @@ def train(
         else:
             run_dir = rpath.parent
         cfg = load_config(run_dir / "config.yaml")
-        resume_state = load_resume(rpath)
+        if rpath.exists() or not (run_dir / "config.yaml").exists():
+            resume_state = load_resume(rpath)
+        else:  # killed before its first resume point: start again with the saved config
+            log.warning("%s: no resume state yet; starting the run from the beginning", run_dir)
     if cfg is None:
         raise ConfigError("train() needs a config or a resume folder")
     if resume is None:
@@ -390,6 +394,8 @@ def train(
     writer = None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink()
         save_config(cfg, run_dir / "config.yaml")
         labels.save(run_dir / "labels")
         if cfg.run.tensorboard:
@@ -460,6 +466,7 @@ def train(
                     if ema is not None:
                         ema.update(unwrap_model(model), step=state.step)
                     state.step += 1
+                    maybe_kill("kill_at_step", state.step)
                     # one host sync every 20 steps: progress + non-finite check
                     if state.step % 20 == 0 or done_batches == batches_per_epoch:
                         running = float(loss_acc) / max(n_acc, 1)
