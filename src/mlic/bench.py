@@ -16,7 +16,7 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FlopCounterMode trips over parameters returned as outputs
 def forward_flops(model: torch.nn.Module, image_size: int, batch: int = 1) -> float:
     """FLOPs of one forward pass per image (a multiply-add counts 2)."""
     model.eval()
