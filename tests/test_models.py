@@ -36,7 +36,9 @@ def tiny_labels(word_dim: int = 300) -> LabelSet:
 
 def build(name: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    return mlic.create_model(name, NUM_CLASSES, labels=tiny_labels(), backbone=TINY_BACKBONE, pretrained=False, **kw)
+    return mlic.create_model(
+        name, NUM_CLASSES, labels=tiny_labels(), backbone=TINY_BACKBONE, pretrained=False, **kw
+    )
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +50,17 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_registry_lists_the_model_cards() -> None:
-    expected = {"baseline", "msformer", "attn_gcn", "ssgrl", "aamn", "mgsgn", "mlgcn", "q2l", "csra"}
+    expected = {
+        "baseline",
+        "msformer",
+        "attn_gcn",
+        "ssgrl",
+        "aamn",
+        "mgsgn",
+        "mlgcn",
+        "q2l",
+        "csra",
+    }
     missing = expected - set(mlic.list_models())
     assert not missing, f"models not registered: {sorted(missing)}"
 
@@ -77,7 +89,9 @@ def test_forward_backward_attention(name: str) -> None:
     assert logits.shape == (4, NUM_CLASSES) and torch.isfinite(logits).all()
     build_loss("bce")(logits, y).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads), "a parameter got no/NaN gradient"
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), (
+        "a parameter got no/NaN gradient"
+    )
     model.eval()
     with torch.no_grad():
         out, maps = model(x, return_attention=True)
@@ -108,7 +122,9 @@ def test_few_steps_lower_the_loss(name: str) -> None:
 def test_save_load_identical_logits(name: str, tmp_path: Path) -> None:
     model = build(name).eval()
     x, _ = fixed_batch()
-    path = mlic.save_checkpoint(model, tmp_path / "m.safetensors", [f"c{i}" for i in range(NUM_CLASSES)])
+    path = mlic.save_checkpoint(
+        model, tmp_path / "m.safetensors", [f"c{i}" for i in range(NUM_CLASSES)]
+    )
     loaded, meta = mlic.load_checkpoint(path)
     assert meta["model"] == name and meta["label_names"][0] == "c0"
     with torch.no_grad():
@@ -121,7 +137,9 @@ def test_load_checkpoint_names_mismatched_keys(tmp_path: Path) -> None:
     sd["fc.extra"] = torch.zeros(1)
     del sd["fc.bias"]
     path = mlic.save_checkpoint(model, tmp_path / "m.safetensors", list("abcde"), state_dict=sd)
-    with pytest.raises(CheckpointError, match=r"missing keys \['fc.bias'\]; unexpected keys \['fc.extra'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \['fc.bias'\]; unexpected keys \['fc.extra'\]"
+    ):
         mlic.load_checkpoint(path)
 
 

@@ -80,10 +80,15 @@ def test_worker_count_does_not_change_training(tiny_voc: Path, tmp_path: Path) -
     over = {"train.epochs": "1", "train.ema": "false"}
     train(tiny_cfg(tiny_voc, tmp_path, "w0", **over))
     train(tiny_cfg(tiny_voc, tmp_path, "w2", **over, **{"data.workers": "2"}))
-    assert read_metrics(tmp_path / "w0")[0]["train_loss"] == read_metrics(tmp_path / "w2")[0]["train_loss"]
+    assert (
+        read_metrics(tmp_path / "w0")[0]["train_loss"]
+        == read_metrics(tmp_path / "w2")[0]["train_loss"]
+    )
 
 
-def test_eval_cli_on_run_and_checkpoint(tiny_voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_cli_on_run_and_checkpoint(
+    tiny_voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     train(tiny_cfg(tiny_voc, tmp_path, "e", **{"train.epochs": "1"}))
     assert main(["eval", str(tmp_path / "e")]) == 0
     out = capsys.readouterr().out

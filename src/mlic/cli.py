@@ -154,6 +154,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """``mlic data check|stats``: read both splits of a config and check every image, without
+    training; ``stats`` also writes stats.md + plots. Exit 1 when broken images were found."""
+    from mlic.config import load_config
+    from mlic.data.check import data_check, write_stats
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    full = not args.fast
+    if args.action == "check":
+        report = data_check(cfg, full=full, workers=args.workers, progress=not args.quiet)
+        print("\n".join(report.lines()))
+        return 1 if report.num_problems else 0
+    output = Path(args.output) if args.output else Path(cfg.run.output_dir) / "data-stats"
+    _, summary, report = write_stats(cfg, output, full=full, workers=args.workers)
+    print(summary)
+    return 1 if report.num_problems else 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from mlic import __version__
@@ -219,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="output file (default: beside the checkpoint)")
     s.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("data", help="check a data config's images and annotations, or describe it")
+    s.add_argument(
+        "action", choices=["check", "stats"], help="check: list every broken image; "
+        "stats: also write stats.md, class_frequency.png, cooccurrence.png"
+    )  # fmt: skip
+    s.add_argument("config", help="YAML path or shipped recipe name (its data.* section is used)")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=...")
+    s.add_argument("--fast", action="store_true", help="read image headers only (no decode)")
+    s.add_argument("--workers", type=int, help="checking threads (default: CPU count)")
+    s.add_argument("--output", help="stats: output folder (default: <run.output_dir>/data-stats)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_data)
 
     s = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     s.add_argument("filter", nargs="?", help="only names containing this")

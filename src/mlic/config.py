@@ -34,11 +34,33 @@ __all__ = [
 class DataConfig:
     """Where the data is and how it is fed.
 
-    ``format`` picks the reader: ``voc`` (``root`` = the VOC20xx folder, ``train``/``val`` =
-    image-set names), ``coco`` (``train``/``val`` = instances JSON files, ``train_images``/
-    ``val_images`` = image folders), ``csv`` (``train``/``val`` = CSV files, images relative
-    to ``train_images``/``val_images``, default: the CSV's folder) and ``demo`` (the generated
-    demo set under ``root``, generated when absent).
+    ``format`` picks the reader; paths are relative to ``root``:
+
+    - ``voc``: ``root`` = the VOC20xx folder, ``train``/``val`` = image-set names.
+    - ``coco``: ``train``/``val`` = instances JSON files, ``train_images``/``val_images`` =
+      image folders.
+    - ``csv``: ``train``/``val`` = CSV files, images relative to ``train_images``/
+      ``val_images`` (default: the CSV's folder).
+    - ``vg500`` (SSGRL / C-Tran / Query2Label VG-500): ``root`` = the folder holding
+      ``train_list_500.txt``, ``test_list_500.txt`` and ``vg_category_500_labels_index.json``;
+      ``train``/``val`` = split names (``train``, ``test``) or list-file names;
+      ``train_images``/``val_images`` = image folder (default: ``VG_100K`` then
+      ``VG_100K_2``); ``classes`` = optional category-name file (default: indices 0-499).
+    - ``nuswide``: ``root`` = the NUS-WIDE folder (``Concepts81.txt``, ``ImageList/``,
+      ``Groundtruth/``); ``train``/``val`` = ``train``, ``test`` or ``all`` (the official
+      split); ``train_images``/``val_images`` = image folder (default ``Flickr``).
+    - ``openimages``: ``train``/``val`` = human-verified label CSVs
+      (``ImageID,Source,LabelName,Confidence``), ``train_images``/``val_images`` = folders of
+      ``<ImageID>.jpg``, ``classes`` = a class-descriptions CSV (``LabelName,DisplayName``;
+      default: the label names seen in the training file).
+    - ``demo``: the generated demo set under ``root``, generated when absent.
+
+    ``image_check`` is what ``mlic train`` verifies of every image before training:
+    ``fast`` (default: the file exists and its header is a readable image of acceptable
+    size), ``full`` (decode every image, at reduced scale; what ``mlic data check`` does) or
+    ``off``. Broken images stop the run with the list of all of them, unless
+    ``skip_bad_images`` is true: then they are left out, logged and listed in the run's
+    ``bad_images.txt``.
     """
 
     format: str = "demo"
@@ -55,6 +77,8 @@ class DataConfig:
     randaugment_magnitude: int = 9
     random_erasing: float = 0.0  # Cutout-style erasing probability
     hflip: bool = True
+    classes: str | None = None  # vg500 / openimages: class-name file (see above)
+    image_check: str = "fast"  # fast | full | off (see above)
     skip_bad_images: bool = False
     max_train_images: int | None = None
     max_val_images: int | None = None
@@ -137,7 +161,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "data.format": ("voc", "coco", "csv", "demo"),
+    "data.format": ("voc", "coco", "csv", "demo", "vg500", "nuswide", "openimages"),
     "loss.name": ("bce", "asl", "focal"),
     "optim.name": ("adamw", "sgd"),
     "schedule.name": ("cosine", "onecycle", "constant"),

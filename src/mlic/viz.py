@@ -183,7 +183,9 @@ def write_report(
 
 
 # ----------------------------------------------------------------------------- attention heat maps
-def overlay_heatmap(image: Any, attention: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Any:
+def overlay_heatmap(
+    image: Any, attention: np.ndarray, alpha: float = 0.5, cmap: str = "jet"
+) -> Any:
     """Blend a label's attention map [h, w] (any scale) over a PIL image, as a PIL RGB image.
 
     The map is min-max normalised, upsampled bilinearly to the image size and coloured.
@@ -197,7 +199,9 @@ def overlay_heatmap(image: Any, attention: np.ndarray, alpha: float = 0.5, cmap:
     return Image.blend(image.convert("RGB"), Image.fromarray(colours), alpha)
 
 
-def heatmap_grid(image: Any, overlays: Sequence[Any], titles: Sequence[str], path: Path, columns: int = 4) -> Path:
+def heatmap_grid(
+    image: Any, overlays: Sequence[Any], titles: Sequence[str], path: Path, columns: int = 4
+) -> Path:
     """One PNG: the original image and every labelled overlay, titled with label and probability."""
     panels = [image, *overlays]
     names = ["input", *titles]

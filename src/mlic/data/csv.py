@@ -1,7 +1,9 @@
 """Generic CSV: ``image,labels`` with ``;``-separated label names per row.
 
 The header row is required (``image,labels``). Class order is the sorted set of names seen,
-unless ``class_names`` is given (then an unknown name is an error naming the line).
+unless ``class_names`` is given (then an unknown name is an error naming the line). A row
+with an empty label list is an image with no labels: kept, and named in
+``Annotations.warnings``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mlic.data import Annotations
+from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
 
 __all__ = ["load_csv"]
@@ -62,6 +65,8 @@ def load_csv(
     for r, (_, ns) in enumerate(rows):
         for n in ns:
             targets[r, col[n]] = 1
-    return Annotations(
+    ann = Annotations(
         names=names, images=[image_dir / img for img, _ in rows], targets=targets, source=str(path)
     )
+    ann.warnings = no_label_warnings([f"{img} (line {seen[img]})" for img, _ in rows], targets)
+    return ann

@@ -107,6 +107,44 @@ class SeededSampler(Sampler):
             yield i, int(seeds[i])
 
 
+def _worker_message(message: str) -> str:
+    """The original one-line message inside torch's "Caught DataError in DataLoader worker" text.
+
+    torch re-raises a worker's exception in the main process as the same type, with the
+    worker's whole traceback as the message; our DataError messages are one line, the last
+    line of that traceback (``mlic.errors.DataError: <path>: ...``).
+    """
+    if not message.startswith("Caught DataError"):
+        return message
+    where = message.splitlines()[0].removeprefix("Caught DataError").strip().rstrip(".")
+    for line in reversed(message.rstrip().splitlines()):
+        if "DataError: " in line:
+            return f"{line.split('DataError: ', 1)[1]} ({where})"
+    return message
+
+
+class _NamedErrorLoader(DataLoader):
+    """DataLoader whose worker failures read like the same failure in the main process.
+
+    A file that breaks inside a worker process (deleted, truncated or replaced after the
+    start-of-run check) raises :class:`DataError` whose message starts with the file's path
+    -- not torch's multi-line wrapper with the traceback of the worker.
+    """
+
+    def __iter__(self) -> Iterator:
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as e:
+                if not str(e).startswith("Caught DataError"):
+                    raise  # raised in this process: already one line naming the file
+                raise DataError(_worker_message(str(e))) from e
+            yield batch
+
+
 def build_loader(
     dataset: MultiLabelDataset,
     batch_size: int,
@@ -115,8 +153,11 @@ def build_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """DataLoader with workers, pinned memory (GPU) and persistent workers."""
-    return DataLoader(
+    """DataLoader with workers, pinned memory (GPU) and persistent workers.
+
+    A broken image raises :class:`DataError` naming the file, also from a worker process.
+    """
+    return _NamedErrorLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -132,9 +173,10 @@ def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> An
     """Read the ``train`` or ``val`` split named by a :class:`~mlic.config.DataConfig`.
 
     ``class_names`` (the training split's classes) fixes the column order of a val split;
-    a val split whose classes differ from it is an error.
+    a val split whose classes differ from it is an error. Which fields each format reads is
+    documented on :class:`~mlic.config.DataConfig`.
     """
-    from mlic.data import coco, csv, voc
+    from mlic.data import coco, csv, nuswide, openimages, vg, voc
 
     which = data_cfg.train if split == "train" else data_cfg.val
     images = data_cfg.train_images if split == "train" else data_cfg.val_images
@@ -154,6 +196,27 @@ def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> An
         csv_path = Path(data_cfg.root) / which
         image_dir = Path(data_cfg.root) / images if images else csv_path.parent
         ann = csv.load_csv(csv_path, image_dir, class_names=class_names)
+    elif fmt == "vg500":
+        ann = vg.load_vg500(
+            data_cfg.root,
+            which,
+            image_dirs=[images] if images else None,
+            categories_file=data_cfg.classes,
+        )
+    elif fmt == "nuswide":
+        ann = nuswide.load_nuswide(data_cfg.root, which, image_dir=images or "Flickr")
+    elif fmt == "openimages":
+        if images is None:
+            raise DataError(
+                f"data.{split}_images must name the OpenImages image folder for {which}"
+            )
+        root = Path(data_cfg.root)
+        ann = openimages.load_openimages(
+            root / which,
+            root / images,
+            classes_csv=root / data_cfg.classes if data_cfg.classes else None,
+            class_names=class_names,
+        )
     else:  # config validation lists the allowed formats
         raise DataError(f"data.format={fmt!r} is not supported")
     if class_names is not None and ann.names != list(class_names):
@@ -161,5 +224,7 @@ def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> An
             f"{ann.source}: classes differ from the training split's {list(class_names)}"
         )
     if limit is not None and limit < len(ann):
+        warnings = ann.warnings
         ann = ann.subset(np.arange(limit))
+        ann.warnings = list(warnings)
     return ann

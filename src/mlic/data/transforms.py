@@ -4,6 +4,10 @@ Decoding uses JPEG DCT-domain downscaling (``Image.draft``) so a large JPEG is d
 roughly the target size, applies EXIF orientation, and converts every colour mode (L, LA,
 P, RGBA, CMYK, I;16) to RGB. Augmentation runs on uint8 tensors; conversion to float and
 normalisation come last.
+
+Every failure to read an image -- missing, empty, not an image, truncated, larger than
+:data:`MAX_IMAGE_PIXELS` -- is a :class:`~mlic.errors.DataError` whose message starts with
+the file's path, so a bad file is never anonymous (also inside data-loader workers).
 """
 
 from __future__ import annotations
@@ -13,17 +17,65 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from mlic.errors import DataError
 
-__all__ = ["load_image", "to_rgb", "build_transform"]
+__all__ = ["MAX_IMAGE_PIXELS", "build_transform", "load_image", "probe_image", "to_rgb"]
 
-# Refuse decompression bombs: PIL raises DecompressionBombError above 2x this many pixels and
-# warns above it. 20,000 x 20,000 is beyond any real photo dataset.
+# Refuse decompression bombs. PIL itself only warns between this many pixels and twice as
+# many (and raises DecompressionBombError above that); we refuse everything above it, from
+# the header, before any pixel memory is allocated. 178.9 MP (PIL's default: e.g. 13,377 x
+# 13,377) is beyond any real photo data set; a 20,000 x 20,000 file is refused.
 MAX_IMAGE_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def _check_size(path: Path, img: Image.Image) -> None:
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{path}: image too large ({w} x {h} = {w * h:,} pixels > {MAX_IMAGE_PIXELS:,}; "
+            "possible decompression bomb)"
+        )
+    if w < 1 or h < 1:
+        raise DataError(f"{path}: image has no pixels ({w} x {h})")
+
+
+def _as_data_error(path: Path, e: BaseException) -> DataError:
+    """The one-line DataError naming ``path`` for any exception PIL raised on it."""
+    if isinstance(e, FileNotFoundError):
+        return DataError(f"{path}: image file not found")
+    if isinstance(e, IsADirectoryError):
+        return DataError(f"{path}: is a folder, not an image file")
+    if isinstance(e, PermissionError):
+        return DataError(f"{path}: permission denied")
+    if isinstance(e, Image.DecompressionBombError):
+        return DataError(f"{path}: image too large ({e})")
+    if isinstance(e, UnidentifiedImageError):
+        size = path.stat().st_size if path.exists() else -1
+        what = "empty file (0 bytes)" if size == 0 else "not an image file PIL can identify"
+        return DataError(f"{path}: cannot read image: {what}")
+    return DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})")
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """Cheap check that ``path`` is an image of an acceptable size: ``(width, height)``.
+
+    Reads only the header (``Image.open`` is lazy), so it finds missing, empty, non-image
+    and oversized files, but not truncated pixel data -- that needs a decode
+    (:func:`load_image`). Raises DataError naming the file.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            _check_size(path, img)
+            return img.size
+    except DataError:
+        raise
+    except Exception as e:  # untrusted input: PIL raises many types; each names the file
+        raise _as_data_error(path, e) from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -54,6 +106,7 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            _check_size(path, img)  # before load(): an oversized file allocates nothing
             if draft_size and img.format == "JPEG":
                 w, h = img.size
                 scale = min(w, h) / draft_size
@@ -62,12 +115,10 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: image file not found") from e
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: image too large ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from e
+    except DataError:
+        raise
+    except Exception as e:  # untrusted input: PIL raises many types; each names the file
+        raise _as_data_error(path, e) from e
 
 
 def build_transform(

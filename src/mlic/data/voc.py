@@ -2,6 +2,7 @@
 
 A class is 1 when the image has at least one non-difficult object of it, -1 (ignore) when
 all its objects are marked ``difficult``, and 0 otherwise -- the standard VOC protocol.
+An image with no (non-difficult) object is kept and named in ``Annotations.warnings``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mlic.data import Annotations
+from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
 
 __all__ = ["VOC_CLASSES", "load_voc", "parse_voc_xml"]
@@ -106,4 +108,6 @@ def load_voc(root: str | Path, split: str, class_names: list[str] | None = None)
                 targets[row, col] = 1
             elif targets[row, col] == 0:
                 targets[row, col] = -1
-    return Annotations(names=names, images=images, targets=targets, source=str(set_file))
+    ann = Annotations(names=names, images=images, targets=targets, source=str(set_file))
+    ann.warnings = no_label_warnings(ids, targets)
+    return ann

@@ -310,6 +310,11 @@ def train(
     # --- data
     train_ann = load_split(cfg.data, "train")
     val_ann = load_split(cfg.data, "val", class_names=train_ann.names)
+    # log annotation warnings; check images (data.image_check); stop, or skip and list them
+    from mlic.data.check import screen_splits
+
+    checked = screen_splits({"train": train_ann, "val": val_ann}, cfg.data, run_dir, dist.is_main)
+    train_ann, val_ann = checked["train"], checked["val"]
     labels = build_labels(train_ann, cfg.model.word_vectors)
     no_pos = [n for n, c in zip(labels.names, labels.counts, strict=True) if c == 0]
     if no_pos:

@@ -1,0 +1,438 @@
+"""Nothing lost, nothing let in: image checks, annotation warnings and data-set statistics.
+
+Two levels of image check, because their costs differ by orders of magnitude:
+
+- **fast** (header only): the file exists, is an image PIL identifies, and is not larger
+  than :data:`~mlic.data.transforms.MAX_IMAGE_PIXELS` (decompression-bomb guard). ``Image.open``
+  reads a few hundred bytes, so 120k COCO images take seconds. It misses truncated or
+  corrupt pixel data.
+- **full** (decode): every image is decoded exactly as training decodes it
+  (:func:`~mlic.data.transforms.load_image`: EXIF orientation, colour conversion), JPEGs at
+  1/8 scale through libjpeg's DCT-domain downscaling -- which still reads every byte of the
+  entropy-coded data, so truncation is found. ``Image.verify()`` is not used: it does not
+  decode and passes truncated JPEGs.
+
+Why the trainer does only the fast check by default (``data.image_check=fast``): a full
+decode of COCO's 120k images costs minutes of CPU at the start of *every* run, while a
+file that is truncated but has a valid header is rare, and if it reaches a data-loader
+worker it still fails with a :class:`~mlic.errors.DataError` naming the file. The full check
+is one command away (``mlic data check CONFIG``, or ``data.image_check=full``) and belongs
+before a long run on a new copy of a data set. Decoding runs in a thread pool: PIL releases
+the GIL while decoding, so threads scale with cores without pickling images between processes.
+
+Broken images stop training with the list of every one of them, or, with
+``data.skip_bad_images=true``, are removed from the :class:`~mlic.data.Annotations` before
+the label statistics are computed, logged, and listed in ``bad_images.txt`` in the run
+folder. Annotation warnings (e.g. images with no labels) are logged summarised: the count
+and the first ten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlic.data import Annotations
+from mlic.errors import ConfigError, DataError
+
+__all__ = [
+    "CHECK_DRAFT_SIZE",
+    "IMAGE_CHECKS",
+    "NO_LABELS",
+    "CheckReport",
+    "check_images",
+    "data_check",
+    "drop_images",
+    "find_broken_images",
+    "no_label_warnings",
+    "plot_class_frequency",
+    "screen_splits",
+    "summarize_warnings",
+    "write_stats",
+]
+
+log = logging.getLogger("mlic")
+
+#: Short side (pixels) JPEGs are decoded at by the full check: the smallest libjpeg scale
+#: (1/8) for any photo, which still decodes every byte of the file.
+CHECK_DRAFT_SIZE = 32
+#: Values of ``data.image_check``.
+IMAGE_CHECKS = ("fast", "full", "off")
+#: Text of the warning readers attach to an image without any positive label.
+NO_LABELS = "no labels"
+_CHUNK = 64  # images per thread-pool task
+
+
+# ----------------------------------------------------------------------------- annotations
+def no_label_warnings(ids: Sequence[str], targets: np.ndarray) -> list[str]:
+    """One warning per image with no positive label: ``"<image id>: no labels ..."``.
+
+    Such images are kept (as all-negative examples, which is what they are for a closed
+    label set), but a reader that finds many of them usually reads the wrong files.
+    """
+    empty = np.flatnonzero(~(np.asarray(targets) == 1).any(axis=1))
+    return [f"{ids[i]}: {NO_LABELS} (kept as an all-negative image)" for i in empty]
+
+
+def summarize_warnings(warnings: Sequence[str], limit: int = 10) -> str:
+    """``"<n> annotation warning(s)"`` and the first ``limit`` of them, one per line."""
+    n = len(warnings)
+    head = f"{n} annotation warning(s)" + (f", the first {limit}:" if n > limit else ":")
+    lines = [head] + [f"  {w}" for w in warnings[:limit]]
+    if n > limit:
+        lines.append(f"  ... and {n - limit} more")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- images
+def _check_chunk(paths: list[Path], start: int, full: bool) -> list[tuple[int, str]]:
+    from mlic.data.transforms import load_image, probe_image
+
+    out = []
+    for i, path in enumerate(paths):
+        try:
+            if full:
+                load_image(path, draft_size=CHECK_DRAFT_SIZE)
+            else:
+                probe_image(path)
+        except DataError as e:
+            out.append((start + i, str(e)))
+    return out
+
+
+def _default_workers(full: bool) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    # decoding is CPU-bound (GIL released); header reads wait on the disk, so overlap more
+    return cpus if full else min(32, 4 * cpus)
+
+
+def find_broken_images(
+    paths: Sequence[str | Path],
+    full: bool = True,
+    workers: int | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> list[tuple[int, str]]:
+    """``(index, problem)`` of every path that fails the check, in path order.
+
+    ``full``: decode every image (finds truncation); else read headers only. ``workers``:
+    threads (default: the CPU count for decoding, 4x that for header reads). ``progress``
+    is called with the number of images done after each chunk.
+    """
+    paths = [Path(p) for p in paths]
+    n_workers = max(1, workers or _default_workers(full))
+    starts = range(0, len(paths), _CHUNK)
+    found: list[tuple[int, str]] = []
+    if n_workers == 1 or len(paths) <= _CHUNK:
+        for s in starts:
+            found += _check_chunk(paths[s : s + _CHUNK], s, full)
+            if progress is not None:
+                progress(min(s + _CHUNK, len(paths)))
+        return found
+    with ThreadPoolExecutor(n_workers, thread_name_prefix="mlic-check") as pool:
+        results = pool.map(lambda s: _check_chunk(paths[s : s + _CHUNK], s, full), starts)
+        for s, res in zip(starts, results, strict=True):
+            found += res
+            if progress is not None:
+                progress(min(s + _CHUNK, len(paths)))
+    return found
+
+
+def check_images(
+    annotations: Annotations | Sequence[str | Path],
+    workers: int | None = None,
+    full: bool = True,
+) -> list[str]:
+    """Every problem with the images of ``annotations`` (or a list of paths), one string each.
+
+    Each string starts with the file's path (``"<path>: image file not found"``,
+    ``"<path>: cannot decode image (...)"``). ``full=True`` decodes every image (see the
+    module docstring for why that is needed for truncation); ``full=False`` reads headers.
+    An empty list means every image will load.
+    """
+    paths = annotations.images if isinstance(annotations, Annotations) else annotations
+    return [msg for _, msg in find_broken_images(paths, full=full, workers=workers)]
+
+
+def drop_images(annotations: Annotations, indices: Sequence[int]) -> Annotations:
+    """``annotations`` without the rows ``indices`` (same classes, warnings kept)."""
+    drop = set(int(i) for i in indices)
+    keep = [i for i in range(len(annotations)) if i not in drop]
+    out = annotations.subset(keep)
+    out.warnings = list(annotations.warnings)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+def screen_splits(
+    splits: dict[str, Annotations],
+    data_cfg: Any,
+    run_dir: Path | None = None,
+    is_main: bool = True,
+) -> dict[str, Annotations]:
+    """What ``mlic train`` does with freshly read splits before anything else sees them.
+
+    Logs each split's annotation warnings (summarised), checks every image per
+    ``data_cfg.image_check`` and then either raises :class:`DataError` listing every broken
+    image, or -- with ``data_cfg.skip_bad_images`` -- returns the splits without them, after
+    logging each one and writing them to ``run_dir/bad_images.txt`` (main process only).
+    """
+    mode = getattr(data_cfg, "image_check", "fast")
+    if mode not in IMAGE_CHECKS:
+        raise ConfigError(
+            f"data.image_check={mode!r} is not allowed; choose one of {list(IMAGE_CHECKS)}"
+        )
+    if is_main:
+        for name, ann in splits.items():
+            if ann.warnings:
+                log.warning("%s split (%s): %s", name, ann.source, summarize_warnings(ann.warnings))
+    if mode == "off":
+        return splits
+    t0 = time.perf_counter()
+    broken = {
+        name: find_broken_images(ann.images, full=mode == "full") for name, ann in splits.items()
+    }
+    secs = time.perf_counter() - t0
+    lines = [f"{name}: {msg}" for name, found in broken.items() for _, msg in found]
+    counts = ", ".join(f"{len(ann)} {name}" for name, ann in splits.items())
+    if not lines:
+        if is_main:
+            log.info("image check (%s): all images readable (%s; %.1f s)", mode, counts, secs)
+        return splits
+    if not data_cfg.skip_bad_images:
+        hint = "" if mode == "full" else "; `mlic data check CONFIG` also decodes every image"
+        raise DataError(
+            f"{len(lines)} broken image(s) found by the {mode} image check ({counts}). "
+            f"Fix or remove them, or set data.skip_bad_images=true to train without them{hint}:\n  "
+            + "\n  ".join(lines)
+        )
+    out = {}
+    for name, ann in splits.items():
+        out[name] = drop_images(ann, [i for i, _ in broken[name]])
+        if len(out[name]) == 0:
+            raise DataError(f"{name} split ({ann.source}): every image is broken; nothing to use")
+    if is_main:
+        where = ""
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "bad_images.txt").write_text("\n".join(lines) + "\n")
+            where = f"; listed in {run_dir / 'bad_images.txt'}"
+        kept = ", ".join(f"{len(ann)} {name}" for name, ann in out.items())
+        log.warning(
+            "skipping %d broken image(s) (data.skip_bad_images=true; %s image check)%s; "
+            "training on %s images:\n  %s",
+            len(lines), mode, where, kept, "\n  ".join(lines),
+        )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- mlic data check
+@dataclass
+class CheckReport:
+    """Result of :func:`data_check`: the splits read, and per split its problems and warnings."""
+
+    splits: dict[str, Annotations]
+    problems: dict[str, list[str]] = field(default_factory=dict)
+    full: bool = True
+    seconds: float = 0.0
+
+    @property
+    def num_problems(self) -> int:
+        return sum(len(p) for p in self.problems.values())
+
+    def lines(self) -> list[str]:
+        """Human-readable report, one line per split, problem and warning summary."""
+        kind = "full decode" if self.full else "header-only"
+        out = []
+        for name, ann in self.splits.items():
+            probs = self.problems.get(name, [])
+            out.append(
+                f"{name}: {len(ann)} images, {ann.num_classes} classes, "
+                f"{len(probs)} broken ({ann.source})"
+            )
+            out += [f"  {p}" for p in probs]
+            if ann.warnings:
+                out += ["  " + ln for ln in summarize_warnings(ann.warnings).splitlines()]
+        n = sum(len(a) for a in self.splits.values())
+        out.append(
+            f"{self.num_problems} broken image(s) among {n} ({kind} check, {self.seconds:.1f} s)"
+        )
+        return out
+
+
+def _read_splits(cfg: Any) -> dict[str, Annotations]:
+    from mlic.data.dataset import load_split
+
+    train = load_split(cfg.data, "train")
+    return {"train": train, "val": load_split(cfg.data, "val", class_names=train.names)}
+
+
+def data_check(
+    cfg: Any, full: bool = True, workers: int | None = None, progress: bool = False
+) -> CheckReport:
+    """Read both splits of ``cfg.data`` (annotation errors raise, naming file and line) and
+    check every image; nothing is trained. ``full``: decode every image."""
+    splits = _read_splits(cfg)
+    t0 = time.perf_counter()
+    problems = {}
+    for name, ann in splits.items():
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ann), desc=f"checking {name}", leave=False)
+        cb = (lambda done, b=bar: b.update(done - b.n)) if bar is not None else None
+        problems[name] = [m for _, m in find_broken_images(ann.images, full, workers, cb)]
+        if bar is not None:
+            bar.close()
+    return CheckReport(splits, problems, full=full, seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- mlic data stats
+def plot_class_frequency(
+    names: Sequence[str], counts: dict[str, np.ndarray], path: Path, max_named: int = 60
+) -> Path:
+    """Bar chart of positives per class (one series per split), most frequent first.
+
+    With more than ``max_named`` classes, step lines without names on a log axis replace
+    the bars (500 VG classes cannot be labelled legibly; stats.md has the table).
+    """
+    import matplotlib.pyplot as plt
+
+    import mlic.viz  # noqa: F401  (selects the non-interactive backend)
+
+    first = next(iter(counts.values()))
+    order = np.argsort(-first, kind="stable")
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(min(max(6, 0.25 * n + 2), 16), 4))
+    width = 0.8 / max(len(counts), 1)
+    x = np.arange(n)
+    for k, (split, c) in enumerate(counts.items()):
+        if n <= max_named:
+            ax.bar(x + k * width, np.asarray(c)[order], width=width, label=split)
+        else:  # too many bars to draw apart: a step line per split
+            ax.plot(x, np.asarray(c)[order], drawstyle="steps-mid", label=split)
+    if n <= max_named:
+        ax.set_xticks(x + 0.4 - width / 2, [names[i] for i in order], rotation=90, fontsize=7)
+    else:
+        ax.set_yscale("symlog")
+        ax.set_xlabel(f"{n} classes, most frequent (in {next(iter(counts))}) first")
+    ax.set_ylabel("images with the class")
+    ax.set_title("Class frequency")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _split_stats(ann: Annotations) -> dict[str, float]:
+    pos = ann.targets == 1
+    per_image = pos.sum(axis=1)
+    return {
+        "images": len(ann),
+        "cardinality": float(per_image.mean()) if len(ann) else 0.0,
+        "max": int(per_image.max()) if len(ann) else 0,
+        "no_labels": int((per_image == 0).sum()),
+        "ignored": int((ann.targets == -1).sum()),
+        "density": float(per_image.mean() / max(ann.num_classes, 1)) if len(ann) else 0.0,
+    }
+
+
+def write_stats(
+    cfg: Any,
+    output: str | Path,
+    full: bool = True,
+    workers: int | None = None,
+    max_heatmap_classes: int = 40,
+) -> tuple[Path, str, CheckReport]:
+    """Write ``stats.md``, ``class_frequency.png`` and ``cooccurrence.png`` into ``output``.
+
+    Covers both splits of ``cfg.data``: images, classes, label cardinality (mean positive
+    labels per image), per-class frequency, co-occurrence (training split; with more than
+    ``max_heatmap_classes`` classes, the most frequent ones) and the check report (broken
+    images, annotation warnings). Returns ``(stats.md path, printed summary, check report)``.
+    """
+    from mlic.viz import plot_cooccurrence
+
+    report = data_check(cfg, full=full, workers=workers)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    train = report.splits["train"]
+    names = train.names
+    counts = {name: (ann.targets == 1).sum(axis=0) for name, ann in report.splits.items()}
+    plot_class_frequency(names, counts, out / "class_frequency.png")
+    top = np.argsort(-counts["train"], kind="stable")[:max_heatmap_classes]
+    top = np.sort(top)
+    plot_cooccurrence([names[i] for i in top], train.targets[:, top], out / "cooccurrence.png")
+    stats = {name: _split_stats(ann) for name, ann in report.splits.items()}
+
+    lines = [f"# Data statistics: {cfg.data.format} ({cfg.data.root})", ""]
+    lines += [
+        "| split | images | classes | labels / image | max labels | density | images without labels | ignored entries | broken images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in stats.items():
+        lines.append(
+            f"| {name} | {s['images']} | {len(names)} | {s['cardinality']:.3f} | {s['max']} | "
+            f"{s['density']:.4f} | {s['no_labels']} | {s['ignored']} | {len(report.problems[name])} |"
+        )
+    no_pos = [names[i] for i in np.flatnonzero(counts["train"] == 0)]
+    lines += [
+        "",
+        "Label cardinality is the mean number of positive labels per image; density is it divided by the number of classes.",
+    ]
+    if no_pos:
+        lines += [
+            "",
+            f"**Classes with no training positives** (left out of mAP): {', '.join(no_pos)}",
+        ]
+    lines += ["", "## Class frequency", "", "![class frequency](class_frequency.png)", ""]
+    lines += ["| class | " + " | ".join(counts) + " |", "|---|" + "---:|" * len(counts)]
+    for i in np.argsort(-counts["train"], kind="stable"):
+        lines.append(
+            f"| {names[i]} | " + " | ".join(str(int(c[i])) for c in counts.values()) + " |"
+        )
+    shown = "" if len(top) == len(names) else f" ({len(top)} most frequent classes)"
+    lines += ["", f"## Co-occurrence P(column | row), training split{shown}", ""]
+    lines += ["![co-occurrence](cooccurrence.png)", ""]
+    lines += [
+        "## Check",
+        "",
+        f"{'Full decode' if full else 'Header-only'} image check, {report.seconds:.1f} s.",
+        "",
+    ]
+    for name, ann in report.splits.items():
+        probs = report.problems[name]
+        lines.append(
+            f"**{name}** ({ann.source}): {len(probs)} broken image(s), {len(ann.warnings)} annotation warning(s)."
+        )
+        lines.append("")
+        lines += [f"- broken: `{p}`" for p in probs]
+        lines += [f"- warning: {w}" for w in ann.warnings[:10]]
+        if len(ann.warnings) > 10:
+            lines.append(f"- ... and {len(ann.warnings) - 10} more warnings")
+        lines.append("")
+    path = out / "stats.md"
+    path.write_text("\n".join(lines) + "\n")
+
+    summary = [
+        f"{name}: {s['images']} images, {len(names)} classes, {s['cardinality']:.2f} labels/image, "
+        f"{s['no_labels']} without labels, {len(report.problems[name])} broken"
+        for name, s in stats.items()
+    ]
+    if no_pos:
+        summary.append(
+            f"{len(no_pos)} class(es) with no training positives: {', '.join(no_pos[:10])}"
+        )
+    summary.append(f"written: {path}, {out / 'class_frequency.png'}, {out / 'cooccurrence.png'}")
+    return path, "\n".join(summary), report
