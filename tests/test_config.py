@@ -67,3 +67,23 @@ def test_cli_missing_dataset_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert f"{tmp_path / 'VOC2007'}: VOC folder not found" in err
+
+
+def test_every_model_has_its_recipes() -> None:
+    from importlib import resources
+
+    import mlic
+
+    shipped = {p.name for p in (resources.files("mlic") / "configs").iterdir()}
+    for name in mlic.list_models():
+        for dataset in ("voc2007", "coco2014", "demo"):
+            recipe = f"{name}_{dataset}"
+            assert f"{recipe}.yaml" in shipped, recipe
+            cfg = load_config(resolve_config_path(recipe))
+            assert cfg.model.name == name
+            if dataset == "demo":
+                assert cfg.model.backbone == "tf_efficientnet_lite0" and cfg.model.pretrained
+                assert (cfg.train.epochs, cfg.train.seed, cfg.data.image_size) == (6, 0, 192)
+            else:
+                assert cfg.data.image_size == 448 and cfg.model.backbone == "resnet101"
+                assert cfg.data.format == {"voc2007": "voc", "coco2014": "coco"}[dataset]

@@ -182,3 +182,37 @@ def test_cli_export_onnx_agrees_with_eager_and_predicts(
         == 0
     )
     assert len(out.read_text().splitlines()) == 3
+
+
+def test_cli_export_int8_calibrated_on_images(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    src, voc = trained
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(src.read_bytes())
+    code = main(
+        [
+            "export",
+            str(ckpt),
+            "--int8",
+            "--calibration",
+            str(voc / "JPEGImages"),
+            "--calibration-images",
+            "8",
+        ]
+    )
+    assert code == 0
+    int8 = ckpt.with_suffix(".int8.onnx")
+    import onnx
+
+    from mlic.export import read_export_metadata
+    from mlic.inference import OnnxPredictor
+
+    graph = onnx.load(str(int8))
+    assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+    assert read_export_metadata(int8)["label_names"] == NAMES
+    images = sorted((voc / "JPEGImages").glob("*.jpg"))[:4]
+    fp32 = OnnxPredictor.from_checkpoint(ckpt.with_suffix(".onnx")).predict(images)
+    q = OnnxPredictor.from_checkpoint(int8).predict(images)
+    diff = max(
+        float(np.abs(a.probabilities - b.probabilities).max()) for a, b in zip(fp32, q, strict=True)
+    )
+    assert 0 < diff < 0.1  # quantized: close to, but not the same as, fp32

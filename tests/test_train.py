@@ -120,3 +120,13 @@ def test_atomic_write_keeps_previous_file_on_failure(tmp_path: Path) -> None:
         atomic_write(target, crash)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]
+
+
+def test_gradient_accumulation_steps_the_optimiser_less_often(
+    tiny_voc: Path, tmp_path: Path
+) -> None:
+    # 24 images / batch 8 = 3 batches per epoch; with accum_steps=2: steps after batches 2 and 3
+    train(tiny_cfg(tiny_voc, tmp_path, "acc", **{"train.accum_steps": "2", "train.epochs": "2"}))
+    state = load_resume(tmp_path / "acc" / "last.resume.pt")
+    assert state["run"]["step"] == 4 and state["run"]["epoch"] == 2
+    assert state["scheduler"]["last_epoch"] == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -9,21 +10,40 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mlic.data.labels import LabelSet
 
-__all__ = ["count_params", "forward_flops", "model_summary", "random_labelset"]
+__all__ = [
+    "count_params",
+    "forward_flops",
+    "model_summary",
+    "random_labelset",
+    "matmul_peak",
+    "benchmark",
+    "data_loader_speed",
+]
 
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()  # not inference_mode: FlopCounterMode trips over parameters returned as outputs
 def forward_flops(model: torch.nn.Module, image_size: int, batch: int = 1) -> float:
-    """FLOPs of one forward pass per image (a multiply-add counts 2)."""
+    """FLOPs of one forward pass per image (a multiply-add counts 2).
+
+    Gradients are switched off by freezing the parameters for the count (not by
+    ``inference_mode``/``no_grad``, whose views of parameters trip FlopCounterMode's module
+    tracker); they are restored afterwards.
+    """
     model.eval()
     x = torch.zeros(batch, 3, image_size, image_size)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return counter.get_total_flops() / batch
 
 
@@ -57,3 +77,151 @@ def model_summary(
         "params_m": count_params(model) / 1e6,
         "gflops": forward_flops(model, image_size) / 1e9 if flops else None,
     }
+
+
+# ----------------------------------------------------------------------------- speed
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 10
+) -> float:
+    """Measured dense matmul throughput (FLOP/s) of this device: the denominator of utilisation."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 256) -> float:
+    """Images/s of the training input pipeline (decode + resize + augment) over a folder of JPEGs."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from mlic.data import Annotations
+    from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader
+    from mlic.data.transforms import build_transform
+
+    files = sorted(Path(folder).rglob("*.jpg"))[:limit]
+    if not files:
+        raise ValueError(f"{folder}: no .jpg files")
+    ann = Annotations(names=["x"], images=files, targets=np.zeros((len(files), 1), dtype=np.int8))
+    tf = build_transform(image_size, (0.5,) * 3, (0.5,) * 3, train=True)
+    ds = MultiLabelDataset(ann, tf, draft_size=image_size)
+    loader = build_loader(ds, 32, SeededSampler(len(ds)), workers)
+    t0 = time.perf_counter()
+    n = sum(len(x) for x, _ in loader)
+    return n / (time.perf_counter() - t0)
+
+
+def benchmark(
+    name: str,
+    backbone: str = "resnet101",
+    image_size: int = 448,
+    num_classes: int = 80,
+    batch_size: int = 8,
+    device: str = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
+    channels_last: bool = True,
+    steps: int = 5,
+    data: str | None = None,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Training and inference speed, latency, memory, FLOPs and FLOP utilisation of one model."""
+    from mlic.engine.trainer import autocast_context
+    from mlic.losses import build_loss
+    from mlic.models.registry import create_model
+
+    dev = torch.device(device)
+    amp = {"fp32": "off", "bf16": "bf16"}[precision]
+    model = create_model(
+        name, num_classes, labels=random_labelset(num_classes), backbone=backbone, pretrained=False
+    )
+    flops = forward_flops(model, image_size)
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    run = torch.compile(model) if compile else model
+    x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch_size, num_classes, device=dev) < 0.1).float()
+    loss_fn = build_loss("bce")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+
+    def train_step() -> None:
+        with autocast_context(dev, amp):
+            logits = run(x)
+        loss_fn(logits.float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    train_step()  # warm-up (and compilation)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step()
+    _sync(dev)
+    train_ips = steps * batch_size / (time.perf_counter() - t0)
+
+    model.eval()
+    with torch.inference_mode(), autocast_context(dev, amp):
+        run(x)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run(x)
+        _sync(dev)
+        infer_ips = steps * batch_size / (time.perf_counter() - t0)
+        one = x[:1]
+        run(one)
+        lat = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            run(one)
+            _sync(dev)
+            lat.append(time.perf_counter() - t)
+    peak = matmul_peak(dev, torch.bfloat16 if precision == "bf16" else torch.float32)
+    train_flops = 3 * flops * train_ips  # forward + backward (~2x forward)
+    out = {
+        "model": name,
+        "backbone": backbone,
+        "device": str(dev),
+        "precision": precision,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "compile": compile,
+        "threads": torch.get_num_threads(),
+        "params_m": count_params(model) / 1e6,
+        "forward_gflops_per_image": flops / 1e9,
+        "train_images_per_s": train_ips,
+        "inference_images_per_s": infer_ips,
+        "latency_ms_batch1": sorted(lat)[len(lat) // 2] * 1e3,
+        "peak_memory_mb": _peak_memory_mb(dev),
+        "matmul_peak_gflops": peak / 1e9,
+        "train_flop_utilisation": train_flops / peak,
+        "inference_flop_utilisation": flops * infer_ips / peak,
+    }
+    if data:
+        out["data_images_per_s"] = data_loader_speed(data, image_size, workers)
+        out["data_workers"] = workers
+    return out

@@ -50,6 +50,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         cfg = load_config(resolve_config_path(args.config), args.overrides)
         result = train(cfg)
+    from mlic.engine.distributed import cleanup, is_main
+
+    main_rank = is_main()
+    cleanup()
+    if not main_rank:
+        return 0
     print(
         f"best mAP {100 * result['best_mAP']:.2f} at epoch {result['best_epoch']}; run in {result['run_dir']}"
     )
@@ -67,7 +73,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     best = max(result["history"], key=lambda r: max(r["mAP"], r.get("ema_mAP", -1)))
     use_ema = best.get("ema_mAP", -1) > best["mAP"]
     shown = {k[4:]: v for k, v in best.items() if k.startswith("ema_")} if use_ema else best
-    print(f"\nDemo: {cfg.model.name} on {cfg.model.backbone} (ImageNet-pretrained), best epoch {best['epoch']}"
+    init = "ImageNet-pretrained" if cfg.model.pretrained else "random init"
+    print(f"\nDemo: {cfg.model.name} on {cfg.model.backbone} ({init}), best epoch {best['epoch']}"
           f"{' (EMA weights)' if use_ema else ''}, {time.perf_counter() - t0:.0f} s\n")  # fmt: skip
     print(metric_table(shown))
     print(f"\nreport: {Path(result['run_dir']) / 'report.md'}")
@@ -131,6 +138,59 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"exported {args.format} to {result.path}; max |p_export - p_eager| = {result.max_abs_diff:.2e}"
     )
+    if args.int8:
+        q = _quantize(ckpt, result.path, args)
+        print(f"int8 model: {q}")
+    return 0
+
+
+def _quantize(ckpt: Path, onnx_path: Path, args: argparse.Namespace) -> Path:
+    """Calibrate and write the int8 graph beside ``onnx_path`` (images: --calibration or the run's val split)."""
+    import torch
+
+    from mlic.data.transforms import build_transform, load_image
+    from mlic.engine.checkpoint import read_metadata
+    from mlic.export import quantize_onnx_int8
+    from mlic.predict import expand_inputs
+
+    if args.format != "onnx":
+        raise ConfigError("--int8 applies to --format onnx")
+    if args.calibration:
+        images, _ = expand_inputs([args.calibration])
+    else:
+        from mlic.config import load_config
+        from mlic.data.dataset import load_split
+
+        run_cfg = ckpt.parent / "config.yaml"
+        if not run_cfg.exists():
+            raise ConfigError(
+                "--int8 needs --calibration DIR (no run config beside the checkpoint)"
+            )
+        images = load_split(load_config(run_cfg).data, "val").images
+    if not images:
+        raise ConfigError("no calibration images found")
+    meta = read_metadata(ckpt)
+    size = int(meta["input_size"][-1])
+    tf = build_transform(size, meta["mean"], meta["std"], train=False)
+    batch = torch.stack(
+        [tf(load_image(p, draft_size=size)) for p in images[: args.calibration_images]]
+    )
+    return quantize_onnx_int8(onnx_path, onnx_path.with_suffix(".int8.onnx"), batch)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mlic.bench import benchmark
+
+    r = benchmark(
+        args.model, backbone=args.backbone, image_size=args.image_size, num_classes=args.num_classes,
+        batch_size=args.batch_size, device=args.device, precision=args.precision, compile=args.compile,
+        steps=args.steps, data=args.data, workers=args.workers,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    for k, v in r.items():
+        print(f"{k:<28} {v:.4g}" if isinstance(v, float) else f"{k:<28} {v}")
     return 0
 
 
@@ -236,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["onnx", "torchscript", "exported-program"], default="onnx")
     s.add_argument("--output", help="output file (default: beside the checkpoint)")
     s.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
+    s.add_argument(
+        "--int8", action="store_true", help="also write a statically quantized int8 ONNX graph"
+    )
+    s.add_argument(
+        "--calibration", help="images (folder/glob) to calibrate int8 on (default: run's val split)"
+    )
+    s.add_argument("--calibration-images", type=int, default=32)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("data", help="check a data config's images and annotations, or describe it")
@@ -250,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="stats: output folder (default: <run.output_dir>/data-stats)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("bench", help="training/inference speed, latency, memory, FLOP utilisation")
+    s.add_argument("model")
+    s.add_argument("--backbone", default="resnet101")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--image-size", type=int, default=448)
+    s.add_argument("--num-classes", type=int, default=80)
+    s.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--data", help="folder of JPEGs: also time the data pipeline")
+    s.add_argument("--workers", type=int, default=2, help="data-loader workers for --data")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     s.add_argument("filter", nargs="?", help="only names containing this")

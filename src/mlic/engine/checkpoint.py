@@ -53,6 +53,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         maybe_kill("kill_in_write", path.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

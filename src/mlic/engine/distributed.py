@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "is_main", "barrier", "cleanup", "world_size"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "is_main",
+    "barrier",
+    "cleanup",
+    "world_size",
+    "broadcast_buffers",
+]
 
 
 @dataclass(frozen=True)
@@ -62,3 +70,16 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics, memories).
+
+    DDP keeps parameters identical but each rank updates its buffers from its own batches
+    after the last broadcast; before evaluating (each rank on its shard) and saving rank 0's
+    weights, all ranks must hold the same model, or the metrics describe no single model.
+    """
+    if not dist.is_initialized():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src)

@@ -303,9 +303,9 @@ def train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    logging.basicConfig(
-        level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not dist.is_main:  # only rank 0 logs progress
+        log.setLevel(logging.WARNING)
 
     # --- data
     train_ann = load_split(cfg.data, "train")
@@ -516,6 +516,9 @@ def train(
                     channels_last=cfg.train.channels_last,
                     should_stop=stop,
                 )
+                dist_utils.broadcast_buffers(unwrap_model(model))
+                if ema is not None:
+                    dist_utils.broadcast_buffers(ema.module)
                 try:
                     res, ap, scores, tg = evaluate(unwrap_model(model), val_loader, **ev)
                     ema_res = None

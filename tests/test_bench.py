@@ -1,0 +1,58 @@
+"""`mlic models` and `mlic bench` report real, positive measurements (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import mlic
+from conftest import TINY_BACKBONE, write_image
+from mlic.bench import forward_flops, matmul_peak
+from mlic.cli import main
+
+
+def test_models_lists_every_model_with_params_and_gflops(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out_json = tmp_path / "models.json"
+    args = [
+        "models",
+        "--backbone",
+        TINY_BACKBONE,
+        "--image-size",
+        "64",
+        "--num-classes",
+        "5",
+        "--json",
+        str(out_json),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())
+    assert [r["model"] for r in rows] == mlic.list_models()
+    for r in rows:
+        assert r["params_m"] > 0 and r["gflops"] > 0
+        assert r["model"] in printed
+
+
+def test_forward_flops_counts_a_linear_exactly() -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    assert forward_flops(model, 8) == 2 * 3 * 8 * 8 * 10
+
+
+def test_bench_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for i in range(8):
+        write_image(tmp_path / "jpgs" / f"{i}.jpg", i, size=96)
+    args = ["bench", "baseline", "--backbone", TINY_BACKBONE, "--image-size", "64", "--batch-size", "2",
+            "--steps", "2", "--num-classes", "5", "--data", str(tmp_path / "jpgs"), "--workers", "0", "--json"]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("train_images_per_s", "inference_images_per_s", "latency_ms_batch1", "peak_memory_mb",
+                "forward_gflops_per_image", "matmul_peak_gflops", "train_flop_utilisation", "data_images_per_s"):  # fmt: skip
+        assert r[key] > 0, key
+    assert r["device"] == "cpu" and r["precision"] == "fp32"
+    assert matmul_peak(__import__("torch").device("cpu"), n=256, reps=2) > 0

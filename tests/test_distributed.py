@@ -1,0 +1,56 @@
+"""Two processes with torchrun (gloo on CPU): DDP training, metrics over the whole val set once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlic
+from conftest import TINY_BACKBONE, make_voc
+from mlic.config import load_config
+from mlic.engine.checkpoint import read_metadata
+from mlic.evaluate import evaluate_checkpoint
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_two_process_gloo_metrics_equal_single_process(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torchrun"
+    )
+    assert torchrun, "torchrun ships with torch"
+    names = ["cat", "dog", "car", "person", "tree"]
+    rng = np.random.default_rng(0)
+
+    def sample(n: int) -> list[list[tuple[str, int]]]:
+        return [[(names[c], 0) for c in rng.choice(5, size=2, replace=False)] for _ in range(n)]
+
+    # 13 val images: not divisible by 2, so an evaluation that padded or dropped would differ
+    voc = make_voc(tmp_path, {"train": sample(24), "val": sample(13)}, labels_txt=names)
+    over = [
+        "data.format=voc", f"data.root={voc}", "data.image_size=64", "data.batch_size=4", "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", "train.epochs=1", "train.ema=false",
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=ddp", "run.progress=false", "run.tensorboard=false",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mlic", "train", "demo", *over]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    ddp_metrics = read_metadata(run / "best.safetensors")["metrics"]
+    # only rank 0 wrote: one metrics row, one checkpoint, no stray temp files
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2
+    assert not list(run.glob(".*.tmp"))
+    single = evaluate_checkpoint(
+        run, ["data.workers=0", "run.progress=false"], output=tmp_path / "ev"
+    )
+    for key in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"):
+        assert single["metrics"][key] == pytest.approx(ddp_metrics[key], abs=1e-6), key
+    assert load_config(run / "config.yaml").data.batch_size == 4
+    mlic.load_checkpoint(run / "best.safetensors")
