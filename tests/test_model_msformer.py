@@ -13,10 +13,9 @@ import mlic
 from conftest import TINY_BACKBONE
 from mlic.bench import count_params
 from mlic.config import load_config
-from mlic.models.layers import LabelQueryDecoderLayer
+from mlic.models.layers import LabelQueryDecoderLayer, TransformerEncoderLayer
 from mlic.models.msformer import (
     INTERPOLATION_MODES,
-    EncoderLayer,
     HierarchicalScaleAttention,
     MSFormer,
 )
@@ -75,7 +74,7 @@ def test_branches_share_encoders_and_decoders() -> None:
     model = build()
     calls = {"enc": 0, "dec": 0}
     for layer in model.encoders:
-        assert isinstance(layer, EncoderLayer)
+        assert isinstance(layer, TransformerEncoderLayer)
         layer.register_forward_hook(lambda *_: calls.__setitem__("enc", calls["enc"] + 1))
     for layer in model.decoders:
         assert isinstance(layer, LabelQueryDecoderLayer)
@@ -84,7 +83,7 @@ def test_branches_share_encoders_and_decoders() -> None:
         model(images())
     assert calls == {"enc": 3 * 2, "dec": 3 * 3}  # every layer object runs once per branch
     # the parameters are those of one stack, not three
-    one_enc = count_params(EncoderLayer(32, 4, 64))
+    one_enc = count_params(TransformerEncoderLayer(32, 4, 64))
     one_dec = count_params(LabelQueryDecoderLayer(32, 4, 64, self_attention=False))
     assert count_params(model.encoders) == 2 * one_enc
     assert count_params(model.decoders) == 3 * one_dec

@@ -69,16 +69,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlic.models.layers import (
-    CrossAttention,
-    FeedForward,
     LabelEmbedding,
     LabelQueryDecoderLayer,
     MultiLabelModel,
+    TransformerEncoderLayer,
     tokens_to_maps,
 )
 from mlic.models.registry import register_model
 
-__all__ = ["MSFormer", "HierarchicalScaleAttention", "EncoderLayer", "msformer"]
+__all__ = ["MSFormer", "HierarchicalScaleAttention", "msformer"]
 
 INTERPOLATION_MODES = ("bilinear", "nearest", "area", "bicubic")
 SCALE_FUSION_MODES = ("hierarchical", "none")
@@ -118,27 +117,6 @@ class HierarchicalScaleAttention(nn.Module):
             resize(a + m, x.shape[-2:], self.mode)  # [B, D, h_i, w_i]             (Eqs. 4-5)
             for a, x in zip(aligned, xs, strict=True)
         ]
-
-
-class EncoderLayer(nn.Module):
-    """Post-norm Transformer encoder layer (Section 3.4): self-attention and a ReLU FFN, each
-    followed by a residual connection and LayerNorm, as in the original Transformer."""
-
-    def __init__(
-        self, dim: int, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1
-    ) -> None:
-        super().__init__()
-        self.self_attn = CrossAttention(dim, num_heads, dropout)
-        self.norm_sa = nn.LayerNorm(dim)
-        self.ffn = FeedForward(dim, ffn_dim, dropout)
-        self.norm_ffn = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, L, D]
-        sa, _ = self.self_attn(x, x, x)  # [B, L, D]
-        x = self.norm_sa(x + self.drop(sa))  # [B, L, D]
-        return self.norm_ffn(x + self.ffn(x))  # [B, L, D]
 
 
 def _grid(size: int, stride: int) -> int:
@@ -246,7 +224,10 @@ class MSFormer(MultiLabelModel):
 
         # Sections 3.4-3.5: one encoder stack, one decoder stack, one label-query set, shared
         self.encoders = nn.ModuleList(
-            [EncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_encoders)]
+            [
+                TransformerEncoderLayer(d_model, num_heads, ffn_dim, dropout)
+                for _ in range(num_encoders)
+            ]
         )
         self.decoders = nn.ModuleList(
             [
