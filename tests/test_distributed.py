@@ -54,3 +54,36 @@ def test_two_process_gloo_metrics_equal_single_process(tmp_path: Path) -> None:
         assert single["metrics"][key] == pytest.approx(ddp_metrics[key], abs=1e-6), key
     assert load_config(run / "config.yaml").data.batch_size == 4
     mlic.load_checkpoint(run / "best.safetensors")
+
+
+def test_resume_a_two_process_run_with_one_process(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torchrun"
+    )
+    names = ["cat", "dog", "car"]
+    rng = np.random.default_rng(1)
+    voc = make_voc(
+        tmp_path,
+        {s: [[(names[c], 0) for c in rng.choice(3, size=2, replace=False)] for _ in range(n)]
+         for s, n in (("train", 24), ("val", 8))},
+        labels_txt=names,
+    )  # fmt: skip
+    over = [
+        "data.format=voc", f"data.root={voc}", "data.image_size=64", "data.batch_size=4", "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", "train.epochs=3",
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=ws", "run.progress=false", "run.tensorboard=false",
+    ]  # fmt: skip
+    # 24 images / (4 x 2 processes) = 3 steps per epoch: killed in epoch 2, after epoch 1's resume point
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MLIC_FAULT": "kill_at_step=5"}
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mlic", "train", "demo", *over]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    run = tmp_path / "runs" / "ws"
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # epoch 1 only
+    env.pop("MLIC_FAULT")
+    p = subprocess.run([sys.executable, "-m", "mlic", "train", "--resume", str(run)], env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    mlic.load_checkpoint(run / "best.safetensors")
