@@ -172,3 +172,16 @@ def test_dataset_augmentation_is_reproducible_per_seed(tiny_voc: Path) -> None:
     assert a.shape == (3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert ta.tolist() == ann.targets[0].astype(float).tolist()
+
+
+def test_fused_normalisation_equals_todtype_then_normalize() -> None:
+    from torchvision.transforms import v2
+
+    from mlic.data.transforms import ToNormalizedFloat
+
+    x = torch.randint(0, 256, (3, 17, 23), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref = v2.Normalize(list(mean), list(std))(v2.ToDtype(torch.float32, scale=True)(x))
+    out = ToNormalizedFloat(mean, std)(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)

@@ -22,7 +22,14 @@ from torchvision.transforms import v2
 
 from mlic.errors import DataError
 
-__all__ = ["MAX_IMAGE_PIXELS", "build_transform", "load_image", "probe_image", "to_rgb"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "ToNormalizedFloat",
+    "build_transform",
+    "load_image",
+    "probe_image",
+    "to_rgb",
+]
 
 # Refuse decompression bombs. PIL itself only warns between this many pixels and twice as
 # many (and raises DecompressionBombError above that); we refuse everything above it, from
@@ -121,6 +128,28 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
         raise _as_data_error(path, e) from e
 
 
+class ToNormalizedFloat(torch.nn.Module):
+    """uint8 image tensor [3, H, W] -> float32 ``(x / 255 - mean) / std`` in one conversion + one fused pass.
+
+    The same result as ``v2.ToDtype(float32, scale=True)`` followed by ``v2.Normalize``,
+    without their two intermediate tensors: the last step of every sample's pipeline.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)  # [3, 1, 1]
+        self.register_buffer(
+            "shift",
+            -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t,
+            persistent=False,
+        )  # [3, 1, 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [3, H, W] uint8 -> [3, H, W] float32
+        return torch.addcmul(self.shift, x.to(torch.float32), self.scale)
+
+
 def build_transform(
     image_size: int,
     mean: Sequence[float],
@@ -146,7 +175,7 @@ def build_transform(
             ops.append(v2.RandomHorizontalFlip())
         if randaugment:
             ops.append(v2.RandAugment(magnitude=randaugment_magnitude))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    ops.append(ToNormalizedFloat(mean, std))
     if train and random_erasing > 0:
         ops.append(v2.RandomErasing(p=random_erasing, value=0))
     return v2.Compose(ops)
