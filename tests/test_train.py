@@ -130,3 +130,14 @@ def test_gradient_accumulation_steps_the_optimiser_less_often(
     state = load_resume(tmp_path / "acc" / "last.resume.pt")
     assert state["run"]["step"] == 4 and state["run"]["epoch"] == 2
     assert state["scheduler"]["last_epoch"] == 4
+
+
+def test_torch_compile_trains_like_eager(tiny_voc: Path, tmp_path: Path) -> None:
+    over = {"train.epochs": "1", "train.ema": "false", "data.randaugment": "false"}
+    train(tiny_cfg(tiny_voc, tmp_path, "eager", **over))
+    train(tiny_cfg(tiny_voc, tmp_path, "compiled", **over, **{"train.compile": "true"}))
+    a, b = read_metrics(tmp_path / "eager")[0], read_metrics(tmp_path / "compiled")[0]
+    assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=1e-3)
+    assert float(b["mAP"]) == pytest.approx(float(a["mAP"]), abs=0.02)
+    # the checkpoint of a compiled run holds plain module keys (no "_orig_mod." prefix)
+    mlic.load_checkpoint(tmp_path / "compiled" / "best.safetensors")
