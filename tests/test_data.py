@@ -14,7 +14,7 @@ from mlic.data.coco import load_coco
 from mlic.data.csv import load_csv
 from mlic.data.dataset import MultiLabelDataset, SeededSampler
 from mlic.data.labels import LabelSet, load_word_vectors, mlgcn_adjacency
-from mlic.data.transforms import build_transform
+from mlic.data.transforms import build_transform, load_image
 from mlic.data.voc import VOC_CLASSES, load_voc
 from mlic.errors import DataError
 
@@ -185,3 +185,28 @@ def test_fused_normalisation_equals_todtype_then_normalize() -> None:
     out = ToNormalizedFloat(mean, std)(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_decode_batch_matches_the_pil_pipeline(tmp_path: Path) -> None:
+    from mlic.data.dataset import collate_raw, decode_batch
+
+    write_image(tmp_path / "a.jpg", 1, size=48)
+    from PIL import Image as PILImage
+
+    PILImage.open(tmp_path / "a.jpg").convert("RGB").save(tmp_path / "b.png")  # a non-JPEG too
+    ann = Annotations(
+        names=["x"], images=[tmp_path / "a.jpg", tmp_path / "b.png"], targets=np.ones((2, 1))
+    )
+    raw = MultiLabelDataset(ann, raw_bytes=True)
+    encoded, targets = collate_raw([raw[0], raw[1]])
+    assert encoded[0].dtype == torch.uint8 and targets.shape == (2, 1)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    batch = decode_batch(encoded, 32, mean, std, torch.device("cpu"))
+    ref = torch.stack(
+        [build_transform(32, mean, std, train=False)(load_image(p)) for p in ann.images]
+    )
+    assert batch.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(batch, ref, rtol=0, atol=0.05)
+    flipped = decode_batch(encoded, 32, mean, std, torch.device("cpu"), hflip=True)
+    for i in range(2):  # each sample is either itself or its mirror image
+        assert torch.allclose(flipped[i], batch[i]) or torch.allclose(flipped[i], batch[i].flip(-1))

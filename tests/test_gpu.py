@@ -47,3 +47,10 @@ def test_bench_cuda_bf16() -> None:
         precision="bf16",
     )
     assert r["train_images_per_s"] > 0 and r["matmul_peak_gflops"] > 0
+
+
+def test_nvjpeg_decoding_on_cuda(tiny_voc: Path, tmp_path: Path) -> None:
+    over = [f"data.root={tiny_voc}", "data.format=voc", "data.image_size=64", "data.batch_size=8",
+            f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", "train.epochs=1", "train.device=cuda",
+            "data.gpu_decode=true", f"run.output_dir={tmp_path}", "run.name=nvjpeg", "run.progress=false"]  # fmt: skip
+    assert 0 <= train(load_config(None, over))["best_mAP"] <= 1

@@ -141,3 +141,12 @@ def test_torch_compile_trains_like_eager(tiny_voc: Path, tmp_path: Path) -> None
     assert float(b["mAP"]) == pytest.approx(float(a["mAP"]), abs=0.02)
     # the checkpoint of a compiled run holds plain module keys (no "_orig_mod." prefix)
     mlic.load_checkpoint(tmp_path / "compiled" / "best.safetensors")
+
+
+def test_device_side_decoding_path_trains(tiny_voc: Path, tmp_path: Path) -> None:
+    # data.gpu_decode runs the same code on the CPU: decode_jpeg(device=cpu) a batch at a time
+    result = train(
+        tiny_cfg(tiny_voc, tmp_path, "rawdec", **{"data.gpu_decode": "true", "train.epochs": "1"})
+    )
+    assert 0 <= result["best_mAP"] <= 1
+    assert read_metrics(tmp_path / "rawdec")[0]["epoch"] == "1"

@@ -80,6 +80,9 @@ class DataConfig:
     classes: str | None = None  # vg500 / openimages: class-name file (see above)
     image_check: str = "fast"  # fast | full | off (see above)
     skip_bad_images: bool = False
+    # Decode JPEGs on the training device (torchvision.io.decode_jpeg, nvJPEG on CUDA) a batch
+    # at a time; then resize, flip and normalise there. RandAugment and erasing do not apply.
+    gpu_decode: bool = False
     max_train_images: int | None = None
     max_val_images: int | None = None
 

@@ -9,7 +9,7 @@ DDP run shards exactly the same sequence across ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,14 @@ from mlic.data import Annotations
 from mlic.data.transforms import load_image
 from mlic.errors import DataError
 
-__all__ = ["MultiLabelDataset", "SeededSampler", "build_loader", "load_split"]
+__all__ = [
+    "MultiLabelDataset",
+    "SeededSampler",
+    "build_loader",
+    "collate_raw",
+    "decode_batch",
+    "load_split",
+]
 
 
 class MultiLabelDataset(Dataset):
@@ -31,10 +38,14 @@ class MultiLabelDataset(Dataset):
         annotations: Annotations,
         transform: Callable | None = None,
         draft_size: int | None = None,
+        raw_bytes: bool = False,
     ) -> None:
+        """``raw_bytes``: return the encoded file as a uint8 tensor [L] instead of a decoded
+        image, for decoding a whole batch on the GPU (:func:`decode_batch`)."""
         self.ann = annotations
         self.transform = transform
         self.draft_size = draft_size
+        self.raw_bytes = raw_bytes
         self.targets = torch.from_numpy(annotations.targets.astype(np.float32))  # [N, C]
 
     def __len__(self) -> int:
@@ -42,6 +53,13 @@ class MultiLabelDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        if self.raw_bytes:
+            path = self.ann.images[index]
+            try:
+                data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)  # [L]
+            except OSError as e:
+                raise DataError(f"{path}: cannot read image ({e.strerror})") from e
+            return data, self.targets[index]
         img = load_image(self.ann.images[index], self.draft_size)
         if self.transform is not None:
             if seed is None:
@@ -145,6 +163,52 @@ class _NamedErrorLoader(DataLoader):
             yield batch
 
 
+def collate_raw(
+    batch: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Batch of encoded files: ``(list of uint8 [L_i], targets [B, C])`` (lengths differ)."""
+    return [data for data, _ in batch], torch.stack([t for _, t in batch])
+
+
+def decode_batch(
+    encoded: list[torch.Tensor],
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    hflip: bool = False,
+) -> torch.Tensor:
+    """Encoded files -> normalised batch [B, 3, S, S] on ``device``.
+
+    JPEGs are decoded together by ``torchvision.io.decode_jpeg`` on the device itself
+    (nvJPEG on CUDA); other formats are decoded on the CPU and moved. Then resize, optional
+    random horizontal flip (drawn from torch's global RNG, so seeded runs repeat) and
+    normalisation, all on the device. Used with ``data.gpu_decode=true``.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    is_jpeg = [len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in encoded]
+    jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    if jpeg_idx:
+        decoded = decode_jpeg([encoded[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
+        for i, img in zip(jpeg_idx, decoded, strict=True):
+            images[i] = img  # [3, H, W] uint8
+    for i, j in enumerate(is_jpeg):
+        if not j:
+            images[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
+    batch = torch.stack(
+        [TF.resize(img, [image_size, image_size], antialias=True) for img in images]  # type: ignore[arg-type]
+    )  # [B, 3, S, S] uint8
+    if hflip:
+        flip = torch.rand(len(encoded)) < 0.5  # [B], CPU RNG: the same on every device
+        batch[flip.to(device)] = batch[flip.to(device)].flip(-1)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (batch.float() / 255.0 - mean_t) / std_t
+
+
 def build_loader(
     dataset: MultiLabelDataset,
     batch_size: int,
@@ -166,6 +230,7 @@ def build_loader(
         persistent_workers=workers > 0,
         drop_last=drop_last,
         prefetch_factor=4 if workers > 0 else None,
+        collate_fn=collate_raw if dataset.raw_bytes else None,
     )
 
 

@@ -31,7 +31,13 @@ from tqdm import tqdm
 
 from mlic.config import Config, load_config, save_config
 from mlic.data import Annotations
-from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader, load_split
+from mlic.data.dataset import (
+    MultiLabelDataset,
+    SeededSampler,
+    build_loader,
+    decode_batch,
+    load_split,
+)
 from mlic.data.labels import LabelSet
 from mlic.data.transforms import build_transform
 from mlic.engine import distributed as dist_utils
@@ -177,18 +183,20 @@ def evaluate(
     channels_last: bool = False,
     progress: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    prepare: Callable[[Any], torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
     """Metrics over the whole loader (synced across ranks): ``(metrics, per-class AP, scores, targets)``.
 
     ``should_stop`` is polled between batches; when it returns True, :class:`EvalInterrupted`
-    is raised so the caller can save a resume point.
+    is raised so the caller can save a resume point. ``prepare`` turns what the loader yields
+    into a device batch (GPU-side JPEG decoding); default: move the tensor to ``device``.
     """
     model.eval()
     metric = MultiLabelMetrics().to(device)
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
         if should_stop is not None and should_stop():
             raise EvalInterrupted
-        images = images.to(device, non_blocking=True)
+        images = prepare(images) if prepare is not None else images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
@@ -340,8 +348,12 @@ def train(
     train_tf = build_transform(size, dcfg["mean"], dcfg["std"], True, d.randaugment,
                                d.randaugment_magnitude, d.random_erasing, d.hflip)  # fmt: skip
     eval_tf = build_transform(size, dcfg["mean"], dcfg["std"], False)
-    train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size)
-    val_ds = MultiLabelDataset(val_ann, eval_tf, draft_size=size)
+    raw = d.gpu_decode  # encoded files to the device, decoded there a batch at a time
+    train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size, raw_bytes=raw)
+    val_ds = MultiLabelDataset(val_ann, eval_tf, draft_size=size, raw_bytes=raw)
+    norm = (dcfg["mean"], dcfg["std"])
+    train_prepare = (lambda b: decode_batch(b, size, *norm, device, hflip=d.hflip)) if raw else None
+    eval_prepare = (lambda b: decode_batch(b, size, *norm, device)) if raw else None
     train_sampler = SeededSampler(
         len(train_ds), True, cfg.train.seed, dist.world_size, dist.rank, pad=True
     )
@@ -446,7 +458,10 @@ def train(
             for images, targets in bar:
                 if done_batches >= batches_per_epoch:
                     break
-                images = images.to(device, non_blocking=True)
+                if train_prepare is not None:
+                    images = train_prepare(images)
+                else:
+                    images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 if cfg.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -515,6 +530,7 @@ def train(
                     amp=cfg.train.amp,
                     channels_last=cfg.train.channels_last,
                     should_stop=stop,
+                    prepare=eval_prepare,
                 )
                 dist_utils.broadcast_buffers(unwrap_model(model))
                 if ema is not None:
