@@ -98,8 +98,7 @@ def test_sigterm_saves_a_resume_point_and_exits_cleanly(reference) -> None:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     code = p.wait(timeout=120)
-    if code == 0:  # the run finished before the signal landed: nothing to check
-        pytest.skip("run ended before SIGTERM arrived")
+    # the signal lands within ~50 ms of epoch 1's resume point, epochs 2-3 take far longer
     assert code == 128 + signal.SIGTERM, p.stderr.read()
     assert "resume with" in p.stderr.read()
     state = load_resume(run / "last.resume.pt")
