@@ -6,14 +6,16 @@ and a target matrix with 1 (present), 0 (absent) and -1 (ignore, e.g. VOC "diffi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mlic.errors import DataError
 
-__all__ = ["Annotations"]
+__all__ = ["Annotations", "read_json"]
 
 
 @dataclass
@@ -68,3 +70,11 @@ class Annotations:
             targets=self.targets[idx],
             source=self.source,
         )
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a syntax error is a DataError naming the file and line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e

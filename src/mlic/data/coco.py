@@ -6,12 +6,11 @@ order used by the published COCO multi-label results.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from mlic.data import Annotations
+from mlic.data import Annotations, read_json
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
 
@@ -35,10 +34,7 @@ def load_coco(annotation_json: str | Path, image_dir: str | Path) -> Annotations
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: COCO image folder not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    data = read_json(path)
     cats = _require(data, "categories", str(path))
     imgs = _require(data, "images", str(path))
     anns = _require(data, "annotations", str(path))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlic.data import read_json
 from mlic.errors import DataError
 
 __all__ = ["LabelSet", "mlgcn_adjacency", "normalize_adjacency", "load_word_vectors"]
@@ -94,12 +95,9 @@ class LabelSet:
     @classmethod
     def load(cls, directory: str | Path) -> LabelSet:
         d = Path(directory)
-        try:
-            meta = json.loads((d / "labels.json").read_text())
-        except FileNotFoundError as e:
-            raise DataError(f"{d / 'labels.json'}: not found") from e
-        except json.JSONDecodeError as e:
-            raise DataError(f"{d / 'labels.json'}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        if not (d / "labels.json").exists():
+            raise DataError(f"{d / 'labels.json'}: not found")
+        meta = read_json(d / "labels.json")
         for key in ("names", "counts"):
             if key not in meta:
                 raise DataError(f"{d / 'labels.json'}: missing key {key!r}")

@@ -18,14 +18,13 @@ one name per line.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mlic.data import Annotations
+from mlic.data import Annotations, read_json
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
 
@@ -43,12 +42,8 @@ def read_categories(path: Path, num_classes: int) -> list[str]:
     """Class names in index order from a JSON list, a JSON ``{name: index}`` or a text file."""
     if not path.exists():
         raise DataError(f"{path}: VG category file not found")
-    text = path.read_text()
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+        data = read_json(path)
         if isinstance(data, dict):
             names = [""] * len(data)
             for name, idx in data.items():
@@ -62,7 +57,7 @@ def read_categories(path: Path, num_classes: int) -> list[str]:
         else:
             raise DataError(f"{path}: expected a JSON list of names or {{name: index}}")
     else:
-        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if len(names) != num_classes:
         raise DataError(f"{path}: {len(names)} category names, expected {num_classes}")
     return names
@@ -108,10 +103,7 @@ def load_vg500(
     label_path = root / labels_file
     if not label_path.exists():
         raise DataError(f"{label_path}: VG-500 label file not found")
-    try:
-        labels = json.loads(label_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{label_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    labels = read_json(label_path)
     if not isinstance(labels, dict):
         raise DataError(f"{label_path}: expected a JSON object {{image name: [label index, ...]}}")
     names = (
