@@ -197,3 +197,15 @@ def test_paper_settings_and_configs() -> None:
         assert cfg.train.epochs == 80
     demo = load_config(CONFIGS / "msformer_demo.yaml")
     assert demo.run.name == "msformer_demo" and demo.data.image_size == 192
+
+
+def test_attention_weight_dropout_is_off_by_default_and_configurable() -> None:
+    from mlic.models.layers import CrossAttention
+
+    def rates(model: MSFormer) -> tuple[set[float], set[float]]:
+        attn = {m.dropout for m in model.modules() if isinstance(m, CrossAttention)}
+        other = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        return attn, other
+
+    assert rates(build()) == ({0.0}, {0.1})  # fused CPU flash kernel; FFN/residual keep 0.1
+    assert rates(build(attn_dropout=0.1, dropout=0.2)) == ({0.1}, {0.2})

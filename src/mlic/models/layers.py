@@ -14,7 +14,52 @@ import torch.nn as nn
 
 from mlic.models.backbone import create_backbone
 
-__all__ = ["MultiLabelModel", "make_default_cfg"]
+__all__ = ["MultiLabelModel", "make_default_cfg", "Linear", "linear"]
+
+# Below this many rows a plain BLAS matmul is as fast as the oneDNN route (measured on the
+# 2-vCPU Zen 5 machine: 1.0-1.1x at 64-320 rows, 1.8-2.2x from 784 rows up).
+ONEDNN_LINEAR_MIN_ROWS = 256
+
+
+def _onednn_linear_applies(x: torch.Tensor) -> bool:
+    """True where routing a linear through oneDNN's convolution is measured to be faster."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() >= 2
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()  # also torch.export / ONNX: keep a plain graph
+        and x.numel() >= ONEDNN_LINEAR_MIN_ROWS * x.shape[-1]
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` that on CPU runs large fp32 matmuls through oneDNN instead of BLAS.
+
+    PyTorch's CPU ``F.linear``/``matmul`` call MKL, which takes its AVX2 path on AMD CPUs,
+    while oneDNN (PyTorch's convolution engine) uses AVX-512 there: on the 2-vCPU Zen 5
+    machine of ``benchmarks/BENCHMARKS.md`` a fp32 matmul runs at ~215 GFLOP/s through MKL
+    and ~485-520 GFLOP/s through oneDNN. The rows ``[N, D_in]`` are viewed (no copy) as a
+    channels_last image ``[1, D_in, 1, N]`` and multiplied by the weight as a 1x1
+    convolution, which is exactly the same product; backward runs through oneDNN too.
+    Elsewhere (GPU, other dtypes, few rows, tracing/compiling/export) it is ``F.linear``.
+    """
+    if not _onednn_linear_applies(x):
+        return nn.functional.linear(x, weight, bias)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(1, 1, -1, d_in).permute(0, 3, 1, 2)  # [1, D_in, 1, N] channels_last view
+    out = nn.functional.conv2d(rows, weight[:, :, None, None], bias)  # [1, D_out, 1, N]
+    return out.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])  # [..., D_out]
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose forward is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def make_default_cfg(
@@ -189,11 +234,11 @@ class CrossAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
-        self.dropout = dropout
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.proj = Linear(dim, dim)
+        self.dropout = dropout  # on the attention weights
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -229,10 +274,10 @@ class FeedForward(nn.Sequential):
         self, dim: int, hidden: int, dropout: float = 0.1, act: type[nn.Module] = nn.ReLU
     ) -> None:
         super().__init__(
-            nn.Linear(dim, hidden),
+            Linear(dim, hidden),
             act(),
             nn.Dropout(dropout),
-            nn.Linear(hidden, dim),
+            Linear(hidden, dim),
             nn.Dropout(dropout),
         )
 
@@ -242,6 +287,8 @@ class LabelQueryDecoderLayer(nn.Module):
 
     ``self_attention=False`` drops the query self-attention block entirely (no parameters),
     as in MSFormer's decoder; ``True`` is the standard DETR/Query2Label layer.
+    ``attn_dropout`` (default: ``dropout``) is the dropout on the attention weights; at 0 the
+    CPU's fused flash-attention kernel runs (PyTorch has none with dropout on CPU).
     Returns the updated queries and, when asked, cross-attention weights [B, C, L].
     """
 
@@ -252,11 +299,13 @@ class LabelQueryDecoderLayer(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.1,
         self_attention: bool = True,
+        attn_dropout: float | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = CrossAttention(dim, num_heads, dropout) if self_attention else None
+        attn_drop = dropout if attn_dropout is None else attn_dropout
+        self.self_attn = CrossAttention(dim, num_heads, attn_drop) if self_attention else None
         self.norm_sa = nn.LayerNorm(dim) if self_attention else None
-        self.cross_attn = CrossAttention(dim, num_heads, dropout)
+        self.cross_attn = CrossAttention(dim, num_heads, attn_drop)
         self.norm_ca = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm_ffn = nn.LayerNorm(dim)
@@ -382,14 +431,22 @@ class TransformerEncoderLayer(nn.Module):
 
     DETR-style: ``q = k = x + pos``, ``v = x`` (the positional encoding steers where a token
     looks without being mixed into the values), then residual + LayerNorm, FFN, residual +
-    LayerNorm. Attention goes through :class:`CrossAttention` (fused SDPA kernel).
+    LayerNorm. Attention goes through :class:`CrossAttention` (fused SDPA kernel; on CPU only
+    with ``attn_dropout=0``, as PyTorch's CPU flash kernel has no dropout).
     """
 
     def __init__(
-        self, dim: int, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1
+        self,
+        dim: int,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        attn_dropout: float | None = None,
     ) -> None:
         super().__init__()
-        self.attn = CrossAttention(dim, num_heads, dropout)
+        self.attn = CrossAttention(
+            dim, num_heads, dropout if attn_dropout is None else attn_dropout
+        )
         self.norm_attn = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm_ffn = nn.LayerNorm(dim)
