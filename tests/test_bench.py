@@ -55,4 +55,7 @@ def test_bench_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
                 "forward_gflops_per_image", "matmul_peak_gflops", "train_flop_utilisation", "data_images_per_s"):  # fmt: skip
         assert r[key] > 0, key
     assert r["device"] == "cpu" and r["precision"] == "fp32"
+    assert r["matmul_peak_gflops"] == max(
+        r["matmul_peak_blas_gflops"], r["matmul_peak_onednn_gflops"]
+    )
     assert matmul_peak(__import__("torch").device("cpu"), n=256, reps=2) > 0

@@ -16,6 +16,7 @@ __all__ = [
     "model_summary",
     "random_labelset",
     "matmul_peak",
+    "matmul_peaks",
     "benchmark",
     "data_loader_speed",
 ]
@@ -85,20 +86,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _gemm_rate(fn, flops: float, device: torch.device, reps: int, rounds: int = 3) -> float:
+    """Best FLOP/s of ``fn`` over ``rounds`` timed rounds of ``reps`` calls, after 2 warm-up calls."""
+    for _ in range(2):
+        fn()
+    _sync(device)
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        best = max(best, flops * reps / (time.perf_counter() - t0))
+    return best
+
+
+def matmul_peaks(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 10
+) -> dict[str, float]:
+    """Measured dense ``n^3`` matmul throughput (FLOP/s) of this device, per GEMM library.
+
+    ``blas``: ``torch.matmul`` (cuBLAS on CUDA, MKL/OpenBLAS on CPU). On CPU also
+    ``onednn``: the same product through oneDNN, the way :func:`mlic.models.layers.linear`
+    runs it. They differ a lot on AMD CPUs, where MKL takes its AVX2 path while oneDNN (which
+    also runs every convolution) uses AVX-512: ~215 vs ~500 GFLOP/s on the 2-vCPU Zen 5
+    machine of ``benchmarks/BENCHMARKS.md``.
+    """
+    from mlic.models.layers import linear
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3
+    with torch.inference_mode():
+        peaks = {"blas": _gemm_rate(lambda: a @ b, flops, device, reps)}
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            peaks["onednn"] = _gemm_rate(lambda: linear(a, b, None), flops, device, reps)
+    return peaks
+
+
 def matmul_peak(
     device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 10
 ) -> float:
-    """Measured dense matmul throughput (FLOP/s) of this device: the denominator of utilisation."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    """The denominator of FLOP utilisation: the fastest measured matmul on this device.
+
+    The fastest of the GEMM libraries PyTorch uses here (:func:`matmul_peaks`), so that a
+    model whose convolutions run through the faster one cannot read above 100 %.
+    """
+    return max(matmul_peaks(device, dtype, n, reps).values())
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -146,12 +180,14 @@ def benchmark(
     workers: int = 2,
 ) -> dict[str, Any]:
     """Training and inference speed, latency, memory, FLOPs and FLOP utilisation of one model."""
+    from mlic.engine.host import retain_freed_memory
     from mlic.engine.trainer import autocast_context
     from mlic.losses import build_loss
     from mlic.models.registry import create_model
 
     dev = torch.device(device)
     amp = {"fp32": "off", "bf16": "bf16"}[precision]
+    retained = retain_freed_memory()  # as `mlic train` does
     model = create_model(
         name, num_classes, labels=random_labelset(num_classes), backbone=backbone, pretrained=False
     )
@@ -200,7 +236,8 @@ def benchmark(
             run(one)
             _sync(dev)
             lat.append(time.perf_counter() - t)
-    peak = matmul_peak(dev, torch.bfloat16 if precision == "bf16" else torch.float32)
+    peaks = matmul_peaks(dev, torch.bfloat16 if precision == "bf16" else torch.float32)
+    peak = max(peaks.values())
     train_flops = 3 * flops * train_ips  # forward + backward (~2x forward)
     out = {
         "model": name,
@@ -210,6 +247,7 @@ def benchmark(
         "batch_size": batch_size,
         "image_size": image_size,
         "compile": compile,
+        "retain_freed_memory": retained,
         "threads": torch.get_num_threads(),
         "params_m": count_params(model) / 1e6,
         "forward_gflops_per_image": flops / 1e9,
@@ -218,6 +256,7 @@ def benchmark(
         "latency_ms_batch1": sorted(lat)[len(lat) // 2] * 1e3,
         "peak_memory_mb": _peak_memory_mb(dev),
         "matmul_peak_gflops": peak / 1e9,
+        **{f"matmul_peak_{lib}_gflops": v / 1e9 for lib, v in peaks.items()},
         "train_flop_utilisation": train_flops / peak,
         "inference_flop_utilisation": flops * infer_ips / peak,
     }

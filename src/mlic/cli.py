@@ -82,7 +82,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mlic.engine.host import retain_freed_memory
     from mlic.evaluate import evaluate_checkpoint
+
+    retain_freed_memory()  # this process is ours: no page faults per batch
 
     out = evaluate_checkpoint(
         args.target,
@@ -99,10 +102,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from mlic.engine.host import retain_freed_memory
     from mlic.evaluate import resolve_target
     from mlic.inference import Predictor
     from mlic.predict import format_table, run_predict, write_predictions
 
+    retain_freed_memory()  # this process is ours: no page faults per batch
     ckpt, _ = resolve_target(args.checkpoint)
     if args.backend == "onnxruntime":
         from mlic.inference import OnnxPredictor

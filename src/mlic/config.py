@@ -140,6 +140,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     threads: int | None = None
+    # keep memory freed by tensors in the process (no munmap/page faults per step): 1.2x on CPU
+    retain_freed_memory: bool = True
     eval_every: int = 1
     max_steps_per_epoch: int | None = None
 

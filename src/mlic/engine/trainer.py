@@ -49,6 +49,7 @@ from mlic.engine.checkpoint import (
     unwrap_model,
 )
 from mlic.engine.faults import maybe_kill
+from mlic.engine.host import retain_freed_memory
 from mlic.errors import ConfigError, DataError, MlicError
 from mlic.losses import loss_from_config
 from mlic.metrics import MultiLabelMetrics, average_precision_per_class, multilabel_metrics
@@ -310,6 +311,8 @@ def train(
         device = torch.device("cuda", dist.local_rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.retain_freed_memory:
+        retain_freed_memory()
     seed_everything(cfg.train.seed)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not dist.is_main:  # only rank 0 logs progress
