@@ -10,10 +10,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from conftest import write_image
-from mlic.data import Annotations
+from mlic.data import Annotations, transforms
 from mlic.data.check import (
     check_images,
     drop_images,
@@ -22,7 +24,13 @@ from mlic.data.check import (
     summarize_warnings,
 )
 from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader
-from mlic.data.transforms import MAX_IMAGE_PIXELS, build_transform, load_image, probe_image
+from mlic.data.transforms import (
+    MAX_IMAGE_PIXELS,
+    build_transform,
+    decode_image,
+    load_image,
+    probe_image,
+)
 from mlic.errors import ConfigError, DataError
 
 
@@ -131,10 +139,12 @@ def test_each_broken_kind_raises_dataerror_naming_the_file(tmp_path: Path) -> No
         "bomb": "image too large",
     }
     for kind, words in expect.items():
-        with pytest.raises(DataError, match=words) as e:
-            load_image(f[kind], draft_size=32)
-        assert str(e.value).startswith(str(f[kind])), kind
+        for decode in (load_image, decode_image):
+            with pytest.raises(DataError, match=words) as e:
+                decode(f[kind], draft_size=32)
+            assert str(e.value).startswith(str(f[kind])), (kind, decode)
     assert load_image(f["good"]).size == (64, 64)
+    assert decode_image(f["good"]).shape == (3, 64, 64)
 
 
 def test_decompression_bomb_is_refused_from_the_header(tmp_path: Path) -> None:
@@ -246,3 +256,46 @@ def test_drop_images_and_warning_summary() -> None:
     kept = drop_images(ann, [0])
     assert kept.images == [Path("b.jpg")] and kept.warnings == ann.warnings
     assert summarize_warnings(["x: no labels"]) == "1 annotation warning(s):\n  x: no labels"
+
+
+# ----------------------------------------------------------------------------- decode_image
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize(("size", "draft"), [((640, 480), 224), ((500, 375), 224), ((97, 61), 16),
+                                             ((800, 300), 64), ((64, 64), None)])  # fmt: skip
+def test_decode_image_is_load_image_as_a_tensor(
+    tmp_path: Path, mode: str, size: tuple[int, int], draft: int | None
+) -> None:
+    rng = np.random.default_rng(0)
+    w, h = size
+    base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize(size, Image.BICUBIC).convert(mode)  # photo-like, smooth
+    img.save(tmp_path / "x.jpg", quality=90)
+    calls = []
+    real = transforms._simplejpeg.decode_jpeg
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    transforms._simplejpeg.decode_jpeg = spy
+    try:
+        fast = decode_image(tmp_path / "x.jpg", draft_size=draft)
+    finally:
+        transforms._simplejpeg.decode_jpeg = real
+    assert calls, "a plain RGB/greyscale JPEG takes the libjpeg-turbo path"
+    slow = pil_to_tensor(load_image(tmp_path / "x.jpg", draft_size=draft))
+    assert fast.dtype == torch.uint8 and fast.shape == slow.shape  # same DCT reduction
+    assert (fast.int() - slow.int()).abs().max() <= 1  # same libjpeg-turbo IDCT
+
+
+def test_decode_image_falls_back_to_pil_for_rotation_and_cmyk(tmp_path: Path) -> None:
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "r.jpg", exif=exif)
+    assert decode_image(tmp_path / "r.jpg").shape == (3, 40, 20)  # rotated as load_image does
+    Image.new("CMYK", (16, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=95)
+    red = decode_image(tmp_path / "c.jpg")[:, 4, 2].int()
+    np.testing.assert_allclose(red.numpy(), [255, 0, 0], atol=12)
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "a.png")
+    assert decode_image(tmp_path / "a.png").min() == 255  # transparent -> white, via PIL

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlic.data import Annotations
-from mlic.data.transforms import load_image
+from mlic.data.transforms import decode_image
 from mlic.errors import DataError
 
 __all__ = [
@@ -60,7 +60,7 @@ class MultiLabelDataset(Dataset):
             except OSError as e:
                 raise DataError(f"{path}: cannot read image ({e.strerror})") from e
             return data, self.targets[index]
-        img = load_image(self.ann.images[index], self.draft_size)
+        img = decode_image(self.ann.images[index], self.draft_size)  # [3, H, W] uint8
         if self.transform is not None:
             if seed is None:
                 img = self.transform(img)
