@@ -1,9 +1,11 @@
-"""Two processes with torchrun (gloo on CPU): DDP training, metrics over the whole val set once."""
+"""torchrun with gloo on CPU: 2 processes, and 2 nodes through the c10d rendezvous; DDP training,
+metrics over the whole val set once, resume with another world size."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +22,16 @@ from mlic.evaluate import evaluate_checkpoint
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def test_two_process_gloo_metrics_equal_single_process(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
+def _torchrun() -> str:
+    found = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
         "torchrun"
     )
-    assert torchrun, "torchrun ships with torch"
+    assert found, "torchrun ships with torch"
+    return found
+
+
+def _uneven_voc(tmp_path: Path) -> tuple[Path, list[str]]:
+    """24 train / 13 val images over 5 classes, and the training overrides for them."""
     names = ["cat", "dog", "car", "person", "tree"]
     rng = np.random.default_rng(0)
 
@@ -38,15 +45,14 @@ def test_two_process_gloo_metrics_equal_single_process(tmp_path: Path) -> None:
         f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", "train.epochs=1", "train.ema=false",
         f"run.output_dir={tmp_path / 'runs'}", "run.name=ddp", "run.progress=false", "run.tensorboard=false",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mlic", "train", "demo", *over]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    run = tmp_path / "runs" / "ddp"
+    return voc, over
+
+
+def _assert_single_process_metrics_equal(run: Path, tmp_path: Path) -> None:
+    """Only rank 0 wrote; one process re-evaluating the weights gets the same metrics."""
     ddp_metrics = read_metadata(run / "best.safetensors")["metrics"]
-    # only rank 0 wrote: one metrics row, one checkpoint, no stray temp files
-    assert len((run / "metrics.csv").read_text().splitlines()) == 2
-    assert not list(run.glob(".*.tmp"))
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # one row, from rank 0
+    assert not list(run.glob(".*.tmp"))  # no stray temp files
     single = evaluate_checkpoint(
         run, ["data.workers=0", "run.progress=false"], output=tmp_path / "ev"
     )
@@ -56,10 +62,71 @@ def test_two_process_gloo_metrics_equal_single_process(tmp_path: Path) -> None:
     mlic.load_checkpoint(run / "best.safetensors")
 
 
+def test_two_process_gloo_metrics_equal_single_process(tmp_path: Path) -> None:
+    _, over = _uneven_voc(tmp_path)
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        _torchrun(),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mlic",
+        "train",
+        "demo",
+        *over,
+    ]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _assert_single_process_metrics_equal(tmp_path / "runs" / "ddp", tmp_path)
+
+
+def test_two_node_rendezvous_metrics_equal_single_process(tmp_path: Path) -> None:
+    """Two torchrun agents ("nodes", one process each) meet through the c10d rendezvous on
+    node 0's endpoint, as in the README's 2 x 8 GPU launch; here both nodes are this host."""
+    _, over = _uneven_voc(tmp_path)
+    with socket.socket() as sock:  # a free port for the rendezvous store
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                _torchrun(),
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "mlic-test",
+                "--rdzv_conf",
+                f"is_host={int(rank == 0)}",
+                "--max_restarts",
+                "0",
+                "-m",
+                "mlic",
+                "train",
+                "demo",
+                *over,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    _assert_single_process_metrics_equal(tmp_path / "runs" / "ddp", tmp_path)
+
+
 def test_resume_a_two_process_run_with_one_process(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
-        "torchrun"
-    )
     names = ["cat", "dog", "car"]
     rng = np.random.default_rng(1)
     voc = make_voc(
@@ -75,7 +142,17 @@ def test_resume_a_two_process_run_with_one_process(tmp_path: Path) -> None:
     ]  # fmt: skip
     # 24 images / (4 x 2 processes) = 3 steps per epoch: killed in epoch 2, after epoch 1's resume point
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MLIC_FAULT": "kill_at_step=5"}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mlic", "train", "demo", *over]
+    cmd = [
+        _torchrun(),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mlic",
+        "train",
+        "demo",
+        *over,
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0
     run = tmp_path / "runs" / "ws"
