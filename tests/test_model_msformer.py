@@ -72,16 +72,23 @@ def test_decoder_self_attention_flag(setting: bool | str) -> None:
 
 def test_branches_share_encoders_and_decoders() -> None:
     model = build()
-    calls = {"enc": 0, "dec": 0}
+    calls: dict[str, list] = {"enc": [], "dec": []}
+
+    def hook(kind: str):
+        return lambda _m, args, kwargs, _out: calls[kind].append(kwargs["segments"])
+
     for layer in model.encoders:
         assert isinstance(layer, TransformerEncoderLayer)
-        layer.register_forward_hook(lambda *_: calls.__setitem__("enc", calls["enc"] + 1))
+        layer.register_forward_hook(hook("enc"), with_kwargs=True)
     for layer in model.decoders:
         assert isinstance(layer, LabelQueryDecoderLayer)
-        layer.register_forward_hook(lambda *_: calls.__setitem__("dec", calls["dec"] + 1))
+        layer.register_forward_hook(hook("dec"), with_kwargs=True)
     with torch.no_grad():
         model(images())
-    assert calls == {"enc": 3 * 2, "dec": 3 * 3}  # every layer object runs once per branch
+    # every layer object runs once over the three branches packed: 64 px on the tiny
+    # backbone gives grids of 4x4, 2x2 and 1x1 tokens, and C label queries per branch
+    assert calls["enc"] == [[16, 4, 1]] * 2
+    assert calls["dec"] == [([C] * 3, [16, 4, 1])] * 3
     # the parameters are those of one stack, not three
     one_enc = count_params(TransformerEncoderLayer(32, 4, 64))
     one_dec = count_params(LabelQueryDecoderLayer(32, 4, 64, self_attention=False))
@@ -173,7 +180,9 @@ def test_per_class_classifier_and_ablation_variants() -> None:
     x = images()
     with torch.no_grad():
         before = model(x)
-        model.class_weight[2].add_(1.0)
+        # a random direction: a constant one is invisible, as each branch's Z_i comes out of a
+        # LayerNorm (zero mean over its D features, so adding c to all weights adds ~0)
+        model.class_weight[2].add_(torch.randn(3 * 32, generator=torch.Generator().manual_seed(0)))
         after = model(x)
     changed = (after - before).abs() > 1e-6
     assert changed[:, 2].all() and not changed[:, [0, 1, 3, 4]].any()  # one linear per class
@@ -209,3 +218,24 @@ def test_attention_weight_dropout_is_off_by_default_and_configurable() -> None:
 
     assert rates(build()) == ({0.0}, {0.1})  # fused CPU flash kernel; FFN/residual keep 0.1
     assert rates(build(attn_dropout=0.1, dropout=0.2)) == ({0.1}, {0.2})
+
+
+def test_packed_branches_equal_a_loop_over_branches() -> None:
+    """The packed forward (all branches' tokens in one sequence, attention per branch) gives
+    what running the shared layers on each branch separately gives, attention maps too."""
+    for self_attention in (False, "all"):
+        model = build(decoder_self_attention=self_attention)
+        x = images(96)
+        with torch.no_grad():
+            feats = model.backbone(x)
+            zs, maps = model.forward_branches(feats, need_weights=True)
+            for i, branch in enumerate(model.scale_features(feats)):
+                b, _, h, w = branch.shape
+                tokens = (branch + model.positional_encoding(i, h, w)).flatten(2).transpose(1, 2)
+                for layer in model.encoders:
+                    tokens = layer(tokens)
+                q = model.label_embed.weight.unsqueeze(0).repeat(b, 1, 1)
+                for j, layer in enumerate(model.decoders):
+                    q, attn = layer(q, tokens, need_weights=j == len(model.decoders) - 1)
+                torch.testing.assert_close(zs[i], q, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(maps[i], attn.reshape(b, C, h, w), rtol=1e-4, atol=1e-6)

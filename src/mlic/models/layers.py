@@ -19,6 +19,7 @@ __all__ = ["MultiLabelModel", "make_default_cfg", "Linear", "linear"]
 # Below this many rows a plain BLAS matmul is as fast as the oneDNN route (measured on the
 # 2-vCPU Zen 5 machine: 1.0-1.1x at 64-320 rows, 1.8-2.2x from 784 rows up).
 ONEDNN_LINEAR_MIN_ROWS = 256
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()  # once: torch.compile does not trace it
 
 
 def _onednn_linear_applies(x: torch.Tensor) -> bool:
@@ -27,11 +28,11 @@ def _onednn_linear_applies(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() >= 2
-        and torch.backends.mkldnn.is_available()
+        and _HAS_ONEDNN
         and torch.backends.mkldnn.enabled
         and not torch.jit.is_scripting()
         and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()  # also torch.export / ONNX: keep a plain graph
+        and not torch.compiler.is_exporting()  # torch.export / ONNX: keep a plain linear
         and x.numel() >= ONEDNN_LINEAR_MIN_ROWS * x.shape[-1]
     )
 
@@ -45,7 +46,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     and ~485-520 GFLOP/s through oneDNN. The rows ``[N, D_in]`` are viewed (no copy) as a
     channels_last image ``[1, D_in, 1, N]`` and multiplied by the weight as a 1x1
     convolution, which is exactly the same product; backward runs through oneDNN too.
-    Elsewhere (GPU, other dtypes, few rows, tracing/compiling/export) it is ``F.linear``.
+    Elsewhere (GPU, other dtypes, few rows, TorchScript tracing, ``torch.export``/ONNX) it is
+    ``F.linear``. Under ``torch.compile`` the convolution stays (inductor keeps it as a
+    oneDNN call; the linear would become MKL's AVX2 GEMM again).
     """
     if not _onednn_linear_applies(x):
         return nn.functional.linear(x, weight, bias)
@@ -244,25 +247,48 @@ class CrossAttention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)  # [B, h, N, d/h]
 
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # q: [B, h, Lq, d/h], k/v: [B, h, Lk, d/h] -> [B, h, Lq, d/h] (, [B, Lq, Lk])
+        drop = self.dropout if self.training else 0.0
+        if not need_weights:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=drop), None
+        attn = torch.softmax(
+            q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1
+        )  # [B, h, Lq, Lk]
+        out = torch.nn.functional.dropout(attn, drop, self.training) @ v
+        return out, attn.mean(dim=1)  # [B, Lq, Lk]
+
     def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         need_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        segments: tuple[Sequence[int], Sequence[int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor] | None]:
+        """``segments=(query_lengths, key_lengths)``: the sequences hold several independent
+        sets packed end to end (segment i of the queries attends only to segment i of the
+        keys). The projections then run as one large matmul over all of them -- faster than
+        one call per set -- and the attention per pair; weights come back as a list."""
         # query: [B, Lq, D], key/value: [B, Lk, D]
         q, k, v = self._split(self.q(query)), self._split(self.k(key)), self._split(self.v(value))
-        drop = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            attn = torch.softmax(
-                q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1
-            )  # [B, h, Lq, Lk]
-            out = torch.nn.functional.dropout(attn, drop, self.training) @ v
-            weights = attn.mean(dim=1)  # [B, Lq, Lk]
+        if segments is None:
+            out, weights = self._attend(q, k, v, need_weights)
         else:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            q_len, k_len = segments
+            pairs = [
+                self._attend(qi, ki, vi, need_weights)
+                for qi, ki, vi in zip(
+                    q.split(list(q_len), dim=2),
+                    k.split(list(k_len), dim=2),
+                    v.split(list(k_len), dim=2),
+                    strict=True,
+                )
+            ]
+            out = torch.cat([o for o, _ in pairs], dim=2)  # [B, h, Lq, d/h]
+            weights = [w for _, w in pairs] if need_weights else None
         out = out.transpose(1, 2).reshape(query.shape)  # [B, Lq, D]
         return self.proj(out), weights
 
@@ -317,13 +343,19 @@ class LabelQueryDecoderLayer(nn.Module):
         memory: torch.Tensor,
         memory_pos: torch.Tensor | None = None,
         need_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        segments: tuple[Sequence[int], Sequence[int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor] | None]:
+        """``segments=(query_lengths, memory_lengths)``: several query sets and memories
+        packed end to end, set i attending to memory i only (see :class:`CrossAttention`)."""
         # queries: [B, C, D], memory: [B, L, D], memory_pos: [1 or B, L, D]
         if self.self_attn is not None:
-            sa, _ = self.self_attn(queries, queries, queries)
+            self_segments = None if segments is None else (segments[0], segments[0])
+            sa, _ = self.self_attn(queries, queries, queries, segments=self_segments)
             queries = self.norm_sa(queries + self.drop(sa))
         key = memory if memory_pos is None else memory + memory_pos
-        ca, weights = self.cross_attn(queries, key, memory, need_weights=need_weights)
+        ca, weights = self.cross_attn(
+            queries, key, memory, need_weights=need_weights, segments=segments
+        )
         queries = self.norm_ca(queries + self.drop(ca))
         queries = self.norm_ffn(queries + self.ffn(queries))
         return queries, weights
@@ -452,10 +484,18 @@ class TransformerEncoderLayer(nn.Module):
         self.norm_ffn = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        segments: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """``segments``: lengths of independent token sets packed end to end in ``x``
+        (attention within each; every per-token layer runs once over all of them)."""
         # x: [B, L, D], pos: [1 or B, L, D] -> [B, L, D]
         qk = x if pos is None else x + pos  # [B, L, D]
-        attn, _ = self.attn(qk, qk, x)  # [B, L, D]
+        pairs = None if segments is None else (segments, segments)
+        attn, _ = self.attn(qk, qk, x, segments=pairs)  # [B, L, D]
         x = self.norm_attn(x + self.drop(attn))  # [B, L, D]
         return self.norm_ffn(x + self.ffn(x))  # [B, L, D]
 

@@ -297,24 +297,40 @@ class MSFormer(MultiLabelModel):
         """Per-branch class-specific features Z_i [B, C, D] and, when asked, the last decoder
         layer's head-averaged cross-attention per branch [B, C, h_i, w_i] (sums to 1 over
         positions)."""
-        zs: list[torch.Tensor] = []
-        maps: list[torch.Tensor] = []
+        # The encoders, decoders and label queries are shared by the branches, so the
+        # branches run packed: their tokens end to end in one sequence, attention within each
+        # branch (``segments``) and every per-token layer (projections, FFN, LayerNorm) as one
+        # large matmul over all of them -- the same result as a loop over the branches, with
+        # far better GEMM shapes for the small 14x14 and 7x7 branches and the label queries.
+        xs = self.scale_features(features)
+        grids = [tuple(x.shape[-2:]) for x in xs]
+        b = xs[0].shape[0]
+        tokens = torch.cat(
+            [
+                (x + self.positional_encoding(i, h, w)).flatten(2).transpose(1, 2)  # (Eqs. 6-7)
+                for i, (x, (h, w)) in enumerate(zip(xs, grids, strict=True))
+            ],
+            dim=1,
+        )  # [B, sum h_i*w_i, D]
+        lengths = [h * w for h, w in grids]
+        for layer in self.encoders:
+            tokens = layer(tokens, segments=lengths)  # [B, sum h_i*w_i, D]
+        # a copy, not a module call or a view of the parameter: FlopCounterMode under
+        # inference_mode (mlic.bench) fails on module inputs/outputs that are grad leaves
+        c = self.label_embed.weight.shape[0]
+        q = self.label_embed.weight.unsqueeze(0).repeat(b, len(xs), 1)  # [B, n*C, D]
+        segments = ([c] * len(xs), lengths)
         last = len(self.decoders) - 1
-        for x in self.scale_features(features):
-            b, _, h, w = x.shape
-            x = x + self.positional_encoding(len(zs), h, w)  # [B, D, h, w]      (Eq. 6)
-            tokens = x.flatten(2).transpose(1, 2)  # [B, h*w, D]                     (Eq. 7)
-            for layer in self.encoders:
-                tokens = layer(tokens)  # [B, h*w, D]
-            # a copy, not a module call or a view of the parameter: FlopCounterMode under
-            # inference_mode (mlic.bench) fails on module inputs/outputs that are grad leaves
-            q = self.label_embed.weight.unsqueeze(0).repeat(b, 1, 1)  # [B, C, D]
-            for j, layer in enumerate(self.decoders):
-                q, attn = layer(q, tokens, need_weights=need_weights and j == last)  # [B, C, D]
-            zs.append(q)
-            if need_weights:
-                maps.append(tokens_to_maps(attn, h, w))  # [B, C, h, w]
-        return zs, (maps if need_weights else None)
+        attn = None
+        for j, layer in enumerate(self.decoders):
+            q, attn = layer(
+                q, tokens, need_weights=need_weights and j == last, segments=segments
+            )  # [B, n*C, D]
+        zs = list(q.split(c, dim=1))  # n x [B, C, D]
+        if not need_weights:
+            return zs, None
+        maps = [tokens_to_maps(a, h, w) for a, (h, w) in zip(attn, grids, strict=True)]
+        return zs, maps  # n x [B, C, h_i, w_i]
 
     @staticmethod
     def fuse_attention(maps: list[torch.Tensor]) -> torch.Tensor:
