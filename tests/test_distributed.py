@@ -30,6 +30,12 @@ def _torchrun() -> str:
     return found
 
 
+def _two_processes(over: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m mlic train demo <over>``."""
+    cmd = [_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "mlic", "train", "demo"]
+    return subprocess.run([*cmd, *over], env=env, capture_output=True, text=True, timeout=600)
+
+
 def _uneven_voc(tmp_path: Path) -> tuple[Path, list[str]]:
     """24 train / 13 val images over 5 classes, and the training overrides for them."""
     names = ["cat", "dog", "car", "person", "tree"]
@@ -65,18 +71,7 @@ def _assert_single_process_metrics_equal(run: Path, tmp_path: Path) -> None:
 def test_two_process_gloo_metrics_equal_single_process(tmp_path: Path) -> None:
     _, over = _uneven_voc(tmp_path)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        _torchrun(),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "mlic",
-        "train",
-        "demo",
-        *over,
-    ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    p = _two_processes(over, env)
     assert p.returncode == 0, p.stderr[-3000:]
     _assert_single_process_metrics_equal(tmp_path / "runs" / "ddp", tmp_path)
 
@@ -142,18 +137,7 @@ def test_resume_a_two_process_run_with_one_process(tmp_path: Path) -> None:
     ]  # fmt: skip
     # 24 images / (4 x 2 processes) = 3 steps per epoch: killed in epoch 2, after epoch 1's resume point
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MLIC_FAULT": "kill_at_step=5"}
-    cmd = [
-        _torchrun(),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "mlic",
-        "train",
-        "demo",
-        *over,
-    ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    p = _two_processes(over, env)
     assert p.returncode != 0
     run = tmp_path / "runs" / "ws"
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # epoch 1 only
