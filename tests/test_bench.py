@@ -52,7 +52,8 @@ def test_bench_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
     for key in ("train_images_per_s", "inference_images_per_s", "latency_ms_batch1", "peak_memory_mb",
-                "forward_gflops_per_image", "matmul_peak_gflops", "train_flop_utilisation", "data_images_per_s"):  # fmt: skip
+                "forward_gflops_per_image", "matmul_peak_gflops", "train_flop_utilisation", "data_images_per_s",
+                "data_images_per_s_per_worker"):  # fmt: skip
         assert r[key] > 0, key
     assert r["device"] == "cpu" and r["precision"] == "fp32"
     assert r["matmul_peak_gflops"] == max(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from itertools import cycle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,8 +146,12 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 256) -> float:
-    """Images/s of the training input pipeline (decode + resize + augment) over a folder of JPEGs."""
-    from pathlib import Path
+    """Images/s of the training input pipeline (decode + resize + augment) over a folder of JPEGs.
+
+    The mean over a timed epoch that follows an untimed one, so that starting the (persistent)
+    worker processes is not counted; a folder with fewer than ``limit`` files is cycled.
+    """
+    from itertools import islice
 
     import numpy as np
 
@@ -153,13 +159,20 @@ def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 2
     from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader
     from mlic.data.transforms import build_transform
 
-    files = sorted(Path(folder).rglob("*.jpg"))[:limit]
+    files = sorted(Path(folder).rglob("*.jpg"))
     if not files:
         raise ValueError(f"{folder}: no .jpg files")
+    files = (
+        list(islice(cycle(files), max(limit, len(files)))) if len(files) < limit else files[:limit]
+    )
     ann = Annotations(names=["x"], images=files, targets=np.zeros((len(files), 1), dtype=np.int8))
     tf = build_transform(image_size, (0.5,) * 3, (0.5,) * 3, train=True)
     ds = MultiLabelDataset(ann, tf, draft_size=image_size)
-    loader = build_loader(ds, 32, SeededSampler(len(ds)), workers)
+    sampler = SeededSampler(len(ds))
+    loader = build_loader(ds, 32, sampler, workers)
+    for _ in loader:  # warm-up epoch: worker start-up, imports, first-touch of the files
+        pass
+    sampler.set_epoch(1)
     t0 = time.perf_counter()
     n = sum(len(x) for x, _ in loader)
     return n / (time.perf_counter() - t0)
@@ -263,4 +276,5 @@ def benchmark(
     if data:
         out["data_images_per_s"] = data_loader_speed(data, image_size, workers)
         out["data_workers"] = workers
+        out["data_images_per_s_per_worker"] = out["data_images_per_s"] / max(workers, 1)
     return out

