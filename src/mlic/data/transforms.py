@@ -2,8 +2,8 @@
 
 Decoding uses JPEG DCT-domain downscaling (``Image.draft``) so a large JPEG is decoded at
 roughly the target size, applies EXIF orientation, and converts every colour mode (L, LA,
-P, RGBA, CMYK, I;16) to RGB. :func:`decode_image` (the data sets', ``mlic predict``'s and
-``mlic eval``'s decoder) takes the common case -- an RGB or greyscale JPEG that needs no
+P, RGBA, CMYK, I;16) to RGB. :func:`decode_image` (the data sets' decoder, so that of
+``mlic train`` and ``mlic eval``) takes the common case -- an RGB or greyscale JPEG that needs no
 rotation -- straight to a uint8 tensor through libjpeg-turbo (``simplejpeg``) with the same
 DCT scaling, 1.2x faster than through a PIL image, and everything else through
 :func:`load_image`. Augmentation runs on uint8 tensors; conversion to float and

@@ -43,7 +43,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     PyTorch's CPU ``F.linear``/``matmul`` call MKL, which takes its AVX2 path on AMD CPUs,
     while oneDNN (PyTorch's convolution engine) uses AVX-512 there: on the 2-vCPU Zen 5
     machine of ``benchmarks/BENCHMARKS.md`` a fp32 matmul runs at ~215 GFLOP/s through MKL
-    and ~485-520 GFLOP/s through oneDNN. The rows ``[N, D_in]`` are viewed (no copy) as a
+    and ~420-520 GFLOP/s through oneDNN. The rows ``[N, D_in]`` are viewed (no copy) as a
     channels_last image ``[1, D_in, 1, N]`` and multiplied by the weight as a 1x1
     convolution, which is exactly the same product; backward runs through oneDNN too.
     Elsewhere (GPU, other dtypes, few rows, TorchScript tracing, ``torch.export``/ONNX) it is

@@ -43,11 +43,15 @@ Choices that are OURS (the paper is silent or ambiguous), and why:
 * Convolutions of Eq. 1 have a bias and no normalisation/activation (Eq. 1 shows none);
   dropout 0.1 on the residual branches and in the FFN (DETR/Q2L) but 0 on the attention
   weights (``attn_dropout=0.0``, timm ViT's default): with it PyTorch's fused CPU
-  flash-attention kernel runs, measured 3.5x faster fwd+bwd than the math path that attention
-  dropout forces (``attn_dropout=0.1`` gives DETR's setting); Xavier-uniform init of the Transformer weights
-  (DETR/Q2L); positional encodings init N(0, 0.02) truncated (ViT); label embeddings N(0, 0.1);
-  a zero-initialised classifier (ViT's head init), so that early Adam steps do not throw the
-  post-norm Transformer around through random classifier weights.
+  flash-attention kernel runs, measured 3.5x faster fwd+bwd than the math path that
+  attention dropout forces (``attn_dropout=0.1`` gives DETR's setting); Xavier-uniform init
+  of the Transformer weights (DETR/Q2L); positional encodings init N(0, 0.02) truncated
+  (ViT); label embeddings N(0, 0.1); a zero-initialised classifier (ViT's head init), so
+  that early Adam steps do not throw the post-norm Transformer around through random
+  classifier weights.
+* The shared encoders/decoders run the three branches packed into one sequence, attention
+  restricted to each branch: the same function as a loop over the branches (tested), with
+  larger matrix products.
 * The scale-restoration interpolation (Eq. 5) uses the same mode as the alignment (Eq. 2), as
   the paper writes both with one ``Interpolate``; ``align_corners=False`` throughout.
 * Positional encodings are sized for ``pos_image_size`` (default 448) and interpolated
