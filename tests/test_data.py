@@ -12,7 +12,7 @@ from conftest import make_coco, make_voc, write_image
 from mlic.data import Annotations
 from mlic.data.coco import load_coco
 from mlic.data.csv import load_csv
-from mlic.data.dataset import MultiLabelDataset, SeededSampler
+from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader
 from mlic.data.labels import LabelSet, load_word_vectors, mlgcn_adjacency
 from mlic.data.transforms import build_transform, load_image
 from mlic.data.voc import VOC_CLASSES, load_voc
@@ -210,3 +210,23 @@ def test_decode_batch_matches_the_pil_pipeline(tmp_path: Path) -> None:
     flipped = decode_batch(encoded, 32, mean, std, torch.device("cpu"), hflip=True)
     for i in range(2):  # each sample is either itself or its mirror image
         assert torch.allclose(flipped[i], batch[i]) or torch.allclose(flipped[i], batch[i].flip(-1))
+
+
+def test_uint8_batches_normalised_on_device_equal_the_float_pipeline(tiny_voc: Path) -> None:
+    # what `mlic train` does (workers ship uint8, the training device normalises) must be
+    # bit-identical to normalising every sample in the worker, augmentation and erasing included
+    from mlic.engine.trainer import uint8_batch_to_device
+
+    ann = load_voc(tiny_voc, "train")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    kw = {"train": True, "random_erasing": 0.5}
+    as_float = MultiLabelDataset(ann, build_transform(32, mean, std, **kw))
+    as_uint8 = MultiLabelDataset(ann, build_transform(32, mean, std, **kw, normalize=False))
+    sampler = SeededSampler(len(ann), shuffle=True, seed=3)
+    batch, _ = next(iter(build_loader(as_uint8, 6, sampler, workers=0)))
+    assert batch.dtype == torch.uint8 and batch.shape == (6, 3, 32, 32)
+    prepare = uint8_batch_to_device(mean, std, torch.device("cpu"), channels_last=True)
+    out = prepare(batch)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    ref = torch.stack([as_float[key][0] for key in list(sampler)[:6]])
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -166,7 +166,8 @@ def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 2
         list(islice(cycle(files), max(limit, len(files)))) if len(files) < limit else files[:limit]
     )
     ann = Annotations(names=["x"], images=files, targets=np.zeros((len(files), 1), dtype=np.int8))
-    tf = build_transform(image_size, (0.5,) * 3, (0.5,) * 3, train=True)
+    # what `mlic train`'s workers ship: uint8, normalised later on the training device
+    tf = build_transform(image_size, (0.5,) * 3, (0.5,) * 3, train=True, normalize=False)
     ds = MultiLabelDataset(ann, tf, draft_size=image_size)
     sampler = SeededSampler(len(ds))
     loader = build_loader(ds, 32, sampler, workers)

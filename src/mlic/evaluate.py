@@ -12,7 +12,7 @@ from mlic.config import load_config
 from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader, load_split
 from mlic.data.transforms import build_transform
 from mlic.engine.checkpoint import load_checkpoint, update_metadata
-from mlic.engine.trainer import evaluate, resolve_device
+from mlic.engine.trainer import evaluate, resolve_device, uint8_batch_to_device
 from mlic.errors import ConfigError
 from mlic.metrics import best_f1_thresholds, multilabel_metrics
 
@@ -54,12 +54,13 @@ def evaluate_checkpoint(
     names = list(meta["label_names"])
     ann = load_split(cfg.data, split, class_names=names)
     size = int(meta["input_size"][-1])
-    tf = build_transform(size, meta["mean"], meta["std"], train=False)
-    ds = MultiLabelDataset(ann, tf, draft_size=size)
+    tf = build_transform(size, meta["mean"], meta["std"], train=False, normalize=False)
+    ds = MultiLabelDataset(ann, tf, draft_size=size)  # uint8 batches, normalised on the device
     loader = build_loader(ds, cfg.data.eval_batch_size or cfg.data.batch_size,
                           SeededSampler(len(ds), shuffle=False, pad=False), cfg.data.workers)  # fmt: skip
+    prepare = uint8_batch_to_device(meta["mean"], meta["std"], device, channels_last=False)
     results, per_class, scores, targets = evaluate(model, loader, device, amp=cfg.train.amp,
-                                                   progress=cfg.run.progress)  # fmt: skip
+                                                   progress=cfg.run.progress, prepare=prepare)  # fmt: skip
     thresholds = None
     if tune_thresholds:
         thresholds = best_f1_thresholds(scores, targets)
