@@ -162,9 +162,7 @@ def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 2
     files = sorted(Path(folder).rglob("*.jpg"))
     if not files:
         raise ValueError(f"{folder}: no .jpg files")
-    files = (
-        list(islice(cycle(files), max(limit, len(files)))) if len(files) < limit else files[:limit]
-    )
+    files = list(islice(cycle(files), limit))  # the first `limit` files, cycled if fewer
     ann = Annotations(names=["x"], images=files, targets=np.zeros((len(files), 1), dtype=np.int8))
     # what `mlic train`'s workers ship: uint8, normalised later on the training device
     tf = build_transform(image_size, (0.5,) * 3, (0.5,) * 3, train=True, normalize=False)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlic.data import Annotations
-from mlic.data.transforms import decode_image
+from mlic.data.transforms import ToNormalizedFloat, decode_image
 from mlic.errors import DataError
 
 __all__ = [
@@ -206,9 +206,7 @@ def decode_batch(
     if hflip:
         flip = torch.rand(len(encoded)) < 0.5  # [B], CPU RNG: the same on every device
         batch[flip.to(device)] = batch[flip.to(device)].flip(-1)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (batch.float() / 255.0 - mean_t) / std_t
+    return ToNormalizedFloat(mean, std).to(device)(batch)  # [B, 3, S, S] float32
 
 
 def build_loader(

@@ -46,10 +46,15 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mlic.errors import ConfigError
-from mlic.models.layers import GCNStack, LabelEmbedding, MultiLabelModel, label_graph
+from mlic.models.layers import (
+    ClassWiseAttention,
+    GCNStack,
+    LabelEmbedding,
+    MultiLabelModel,
+    label_graph,
+)
 from mlic.models.registry import register_model
 
 __all__ = ["GCNClassifierGenerator", "MLGCN", "AttnGCN"]
@@ -177,8 +182,8 @@ class AttnGCN(MultiLabelModel):
         if gate not in ("class", "scalar"):
             raise ConfigError(f"attn_gcn gate={gate!r}: choose 'class' (one per class) or 'scalar'")
         channels = self.backbone.channels[-1]
-        # 1x1 conv -> one spatial attention logit map per class (bias cancels in the softmax)
-        self.attention = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
+        # 1x1 conv -> one spatial attention map per class -> attention-pooled label features
+        self.attention = ClassWiseAttention(channels, num_classes)
         # fusion weight alpha = sigmoid(gate): per class, or one shared scalar
         self.gate = nn.Parameter(torch.full((num_classes if gate == "class" else 1,), gate_init))
         self.classifiers = GCNClassifierGenerator(
@@ -203,19 +208,7 @@ class AttnGCN(MultiLabelModel):
         self, features: list[torch.Tensor], return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = features[-1]  # [B, D, h, w]
-        b, d, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)  # [B, h*w, D]
-        maps = None
-        if return_attention:
-            maps = torch.softmax(self.attention(x).flatten(2), dim=-1)  # [B, C, h*w]
-            local = maps @ tokens  # [B, C, D]
-        else:
-            queries = self.attention.weight.flatten(1).to(tokens.dtype)  # [C, D]
-            queries = queries.unsqueeze(0).expand(b, -1, -1)  # [B, C, D]
-            # a heads axis of 1: exporters (ONNX) translate only 4-D attention
-            local = F.scaled_dot_product_attention(
-                queries.unsqueeze(1), tokens.unsqueeze(1), tokens.unsqueeze(1), scale=1.0
-            ).squeeze(1)  # [B, C, D]
+        local, maps = self.attention(x, need_weights=return_attention)  # [B, C, D], [B, C, h, w]
         glob = x.amax(dim=(2, 3))  # [B, D]
         alpha = self.fusion_weight.unsqueeze(-1)  # [C or 1, 1]
         fused = alpha * local + (1.0 - alpha) * glob.unsqueeze(1)  # [B, C, D]
@@ -223,7 +216,7 @@ class AttnGCN(MultiLabelModel):
         logits = (fused * weight).sum(dim=-1)  # [B, C]
         if maps is None:
             return logits
-        return logits, maps.reshape(b, self.num_classes, h, w)  # [B, C, h, w]
+        return logits, maps  # [B, C, h, w]
 
 
 @register_model
