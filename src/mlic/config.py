@@ -61,6 +61,19 @@ class DataConfig:
     ``off``. Broken images stop the run with the list of all of them, unless
     ``skip_bad_images`` is true: then they are left out, logged and listed in the run's
     ``bad_images.txt``.
+
+    ``crop`` is the training crop: ``none`` resizes the whole image to S x S (no labelled
+    object is cut away); ``multiscale`` is ML-GCN's MultiScaleCrop (from TSN): a crop whose
+    sides are drawn from ``crop_scales`` x the short side (width and height at most
+    ``crop_max_distort`` scale steps apart), at one of 13 fixed positions (corners, centre,
+    edge middles, quarter points), resized to S x S.
+
+    ``calibration`` says where the per-class decision thresholds stored in the checkpoint
+    come from: ``holdout`` (default) keeps ``calibration_fraction`` of the training split
+    out of training (a seeded draw) and picks, per class, the threshold that maximises F1 on
+    it; ``val`` picks them on the validation split, for runs whose val split is *not* the
+    split results are reported on (e.g. a dev split before a separate test set); ``none``
+    stores none (predictions then use 0.5).
     """
 
     format: str = "demo"
@@ -85,6 +98,11 @@ class DataConfig:
     gpu_decode: bool = False
     max_train_images: int | None = None
     max_val_images: int | None = None
+    crop: str = "none"  # none | multiscale (see above)
+    crop_scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66, 0.5])
+    crop_max_distort: int = 2
+    calibration: str = "holdout"  # holdout | val | none (see above)
+    calibration_fraction: float = 0.1
 
 
 @dataclass
@@ -116,6 +134,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-2
     momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only; ML-GCN, CSRA and SSGRL use plain momentum
     backbone_lr_mult: float = 1.0  # ML-GCN and SSGRL train the backbone at 0.1x
     grad_clip: float | None = None
 
@@ -135,6 +154,10 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 on GPU, off on CPU
     ema: bool = True
     ema_decay: float = 0.999
+    # EMA warm-up (timm ModelEmaV3): decay_t = min(ema_decay, 1 - (1 + t)^-power), so the
+    # average forgets the early, near-initial weights in short runs; false: ema_decay from step 1
+    ema_warmup: bool = True
+    ema_warmup_power: float = 0.75
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True
@@ -171,6 +194,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.name": ("adamw", "sgd"),
     "schedule.name": ("cosine", "onecycle", "constant"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
+    "data.crop": ("none", "multiscale"),
+    "data.calibration": ("holdout", "val", "none"),
 }
 
 POSITIVE: tuple[str, ...] = (
@@ -195,6 +220,17 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"data.random_erasing={cfg.data.random_erasing} must be in [0, 1]")
     if not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in (0, 1)")
+    if not cfg.train.ema_warmup_power > 0:
+        raise ConfigError(f"train.ema_warmup_power={cfg.train.ema_warmup_power} must be > 0")
+    if not 0.0 < cfg.data.calibration_fraction < 1.0:
+        raise ConfigError(
+            f"data.calibration_fraction={cfg.data.calibration_fraction} must be in (0, 1)"
+        )
+    scales = list(cfg.data.crop_scales)
+    if not scales or any(not 0.0 < float(x) <= 1.0 for x in scales):
+        raise ConfigError(f"data.crop_scales={scales} must be fractions in (0, 1]")
+    if cfg.data.crop_max_distort < 0:
+        raise ConfigError(f"data.crop_max_distort={cfg.data.crop_max_distort} must be >= 0")
 
 
 def _explain(e: OmegaConfBaseException, origin: str) -> ConfigError:

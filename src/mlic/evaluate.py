@@ -61,16 +61,25 @@ def evaluate_checkpoint(
     prepare = uint8_batch_to_device(meta["mean"], meta["std"], device, channels_last=False)
     results, per_class, scores, targets = evaluate(model, loader, device, amp=cfg.train.amp,
                                                    progress=cfg.run.progress, prepare=prepare)  # fmt: skip
-    thresholds = None
+    # the checkpoint's calibrated thresholds (chosen at training time on other data), or,
+    # with tune_thresholds, new ones tuned on this very split (optimistic on it: meant for a
+    # dev split, then used on other data)
+    stored = meta.get("thresholds")
+    thresholds = None if stored is None else np.asarray(stored, dtype=np.float64)
+    thresholds_from = meta.get("thresholds_from")
     if tune_thresholds:
         thresholds = best_f1_thresholds(scores, targets)
+        thresholds_from = f"{cfg.data.format}:{split} (mlic eval --tune-thresholds)"
         update_metadata(
             ckpt,
             thresholds=[round(float(t), 6) for t in thresholds],
-            thresholds_from=f"{cfg.data.format}:{split}",
+            thresholds_from=thresholds_from,
         )
         tuned = multilabel_metrics(scores, targets, threshold=thresholds)
         results = {**results, **{f"tuned_{k}": v for k, v in tuned.items() if k != "mAP"}}
+    elif thresholds is not None:
+        cal = multilabel_metrics(scores, targets, threshold=thresholds)
+        results = {**results, **{f"cal_{k}": v for k, v in cal.items() if k != "mAP"}}
     out = Path(output) if output else ckpt.parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -91,6 +100,7 @@ def evaluate_checkpoint(
         out, title=f"{meta['model']} evaluated on {cfg.data.format} {split}", names=names,
         scores=scores, targets=targets, per_class_ap=per_class, results=results,
         extra={"checkpoint": ckpt, "images": len(ann), "input size": size}, sections=sections,
+        thresholds=thresholds, thresholds_from=thresholds_from,
     )  # fmt: skip
     return {"metrics": results, "per_class_ap": per_class, "report": report, "output": out}
 

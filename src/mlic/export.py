@@ -189,6 +189,7 @@ def _metadata(model: nn.Module, meta: dict[str, Any], image_size: int) -> dict[s
     }
     if meta.get("thresholds") is not None:
         out["thresholds"] = meta["thresholds"]
+        out["thresholds_from"] = meta.get("thresholds_from")
     return {k: json.dumps(v) for k, v in out.items() if v is not None}
 
 

@@ -138,9 +138,13 @@ def write_report(
     extra: dict[str, Any] | None = None,
     results: dict[str, float] | None = None,
     sections: Sequence[str] = (),
+    thresholds: Sequence[float] | None = None,
+    thresholds_from: str | None = None,
 ) -> Path:
     """Write ``report.md`` with the metric table and plots into ``out_dir``; returns its path.
 
+    Metrics are shown at 0.5 (the papers' convention) and, when ``thresholds`` (per class)
+    are given, at those calibrated thresholds too, saying where they came from.
     ``sections``: further Markdown blocks appended as they are (used by ``mlic eval``).
     """
     from mlic.metrics import multilabel_metrics
@@ -160,7 +164,17 @@ def write_report(
         "## Metrics (%)",
         "",
     ]
-    lines += [metric_table(results), "", "Top-3:", "", metric_table(results, TOP3_KEYS), ""]
+    lines += ["At threshold 0.5:", "", metric_table(results), "", "Top-3:", ""]
+    lines += [metric_table(results, TOP3_KEYS), ""]
+    if thresholds is not None:
+        cal = multilabel_metrics(scores, targets, threshold=np.asarray(thresholds, np.float64))
+        lines += [
+            f"At the calibrated per-class thresholds (from {thresholds_from or 'unknown data'}; "
+            "`mlic predict` uses these):",
+            "",
+            metric_table({k: v for k, v in cal.items() if k != "mAP"}),
+            "",
+        ]
     if history:
         lines += [
             "## Training history",

@@ -41,9 +41,11 @@ from mlic.data.dataset import (
 from mlic.data.labels import LabelSet
 from mlic.data.transforms import ToNormalizedFloat, build_transform
 from mlic.engine import distributed as dist_utils
+from mlic.engine.calibration import calibrated_metrics, split_calibration
 from mlic.engine.checkpoint import (
     load_resume,
     load_state_strict,
+    read_metadata,
     save_checkpoint,
     save_resume,
     unwrap_model,
@@ -165,7 +167,23 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
         fused = device.type == "cuda"
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
     return torch.optim.SGD(
-        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True
+        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+    )
+
+
+def build_ema(model: nn.Module, cfg: Config) -> ModelEmaV3:
+    """The EMA of ``model``'s weights, with timm's warm-up unless ``train.ema_warmup`` is false.
+
+    With warm-up the decay at optimiser step t is ``min(ema_decay, 1 - (1 + t)^-power)``:
+    a fixed 0.9997 over a 3k-step run would leave ~40 % of the step-1 weights in the
+    average; with power 0.75 the decay is 0.97 at step 100 and 0.995 at step 1,000, and the
+    average of any run is dominated by its recent weights.
+    """
+    return ModelEmaV3(
+        model,
+        decay=cfg.train.ema_decay,
+        use_warmup=cfg.train.ema_warmup,
+        warmup_power=cfg.train.ema_warmup_power,
     )
 
 
@@ -295,6 +313,41 @@ def _write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
+@dataclass
+class _Candidate:
+    """One set of weights (the model or its EMA) evaluated at an epoch end."""
+
+    name: str
+    module: nn.Module
+    results: dict[str, float]  # val metrics at 0.5, plus cal_* at the calibrated thresholds
+    scores: np.ndarray  # [N, C] val probabilities
+    targets: np.ndarray  # [N, C] val targets
+    thresholds: np.ndarray | None  # [C] calibrated thresholds, None without calibration
+
+
+def _evaluate_candidate(
+    name: str,
+    module: nn.Module,
+    val_loader: torch.utils.data.DataLoader,
+    calib_loader: torch.utils.data.DataLoader | None,
+    calibration_mode: str,
+    ev: dict[str, Any],
+) -> _Candidate:
+    """Validation metrics of ``module`` and, unless calibration is off, thresholds tuned on
+    the calibration data (held-out training images, or the val split itself in ``val``
+    mode) with the val metrics at those thresholds (``cal_*``)."""
+    res, _, scores, targets = evaluate(module, val_loader, **ev)
+    thresholds = None
+    if calibration_mode == "val":
+        thresholds, cal = calibrated_metrics(scores, targets, scores, targets)
+        res = {**res, **cal}
+    elif calib_loader is not None:
+        _, _, calib_scores, calib_targets = evaluate(module, calib_loader, **ev)
+        thresholds, cal = calibrated_metrics(calib_scores, calib_targets, scores, targets)
+        res = {**res, **cal}
+    return _Candidate(name, module, res, scores, targets, thresholds)
+
+
 # ----------------------------------------------------------------------------- main loop
 def train(
     cfg: Config | None,
@@ -346,6 +399,10 @@ def train(
 
     checked = screen_splits({"train": train_ann, "val": val_ann}, cfg.data, run_dir, dist.is_main)
     train_ann, val_ann = checked["train"], checked["val"]
+    train_ann, calibration = split_calibration(
+        train_ann, cfg.data.calibration, cfg.data.calibration_fraction, cfg.train.seed
+    )
+    log.info("decision thresholds calibrated on %s", calibration.source)
     labels = build_labels(train_ann, cfg.model.word_vectors)
     no_pos = [n for n, c in zip(labels.names, labels.counts, strict=True) if c == 0]
     if no_pos:
@@ -371,7 +428,8 @@ def train(
     # uint8 batches from the workers (4x fewer bytes), normalised on the training device
     train_tf = build_transform(size, dcfg["mean"], dcfg["std"], True, d.randaugment,
                                d.randaugment_magnitude, d.random_erasing, d.hflip,
-                               normalize=False)  # fmt: skip
+                               normalize=False, crop=d.crop, crop_scales=d.crop_scales,
+                               crop_max_distort=d.crop_max_distort)  # fmt: skip
     eval_tf = build_transform(size, dcfg["mean"], dcfg["std"], False, normalize=False)
     raw = d.gpu_decode  # encoded files to the device, decoded there a batch at a time
     train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size, raw_bytes=raw)
@@ -395,6 +453,15 @@ def train(
     val_loader = build_loader(
         val_ds, d.eval_batch_size or d.batch_size, val_sampler, d.workers, pin_memory=pin
     )
+    calib_loader = None
+    if calibration.holdout is not None:
+        calib_ds = MultiLabelDataset(calibration.holdout, eval_tf, draft_size=size, raw_bytes=raw)
+        calib_sampler = SeededSampler(
+            len(calib_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
+        )
+        calib_loader = build_loader(
+            calib_ds, d.eval_batch_size or d.batch_size, calib_sampler, 0, pin_memory=pin
+        )
     batches_per_epoch = math.ceil(len(train_ds) / (d.batch_size * dist.world_size))
     if cfg.train.max_steps_per_epoch:
         batches_per_epoch = min(
@@ -407,7 +474,7 @@ def train(
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+    ema = build_ema(model, cfg) if cfg.train.ema else None
     state = _RunState()
 
     if resume_state is not None:
@@ -561,12 +628,11 @@ def train(
                 if ema is not None:
                     dist_utils.broadcast_buffers(ema.module)
                 try:
-                    res, ap, scores, tg = evaluate(unwrap_model(model), val_loader, **ev)
-                    ema_res = None
-                    candidates = [("model", res, ap, scores, tg, unwrap_model(model))]
+                    candidates = [_evaluate_candidate("model", unwrap_model(model), val_loader,
+                                                      calib_loader, calibration.mode, ev)]  # fmt: skip
                     if ema is not None:
-                        ema_res, ema_ap, ema_scores, _ = evaluate(ema.module, val_loader, **ev)
-                        candidates.append(("ema", ema_res, ema_ap, ema_scores, tg, ema.module))
+                        candidates.append(_evaluate_candidate("ema", ema.module, val_loader,
+                                                              calib_loader, calibration.mode, ev))  # fmt: skip
                 except EvalInterrupted:
                     # The epoch's training is done and counted in ``state``: resuming skips
                     # straight to this evaluation.
@@ -576,6 +642,8 @@ def train(
                         f"stopped during evaluation of epoch {epoch + 1}; resume with `mlic train --resume {run_dir}`",
                         exit_code=128 + (stop.signal or 0),
                     ) from None
+                res = candidates[0].results
+                ema_res = candidates[1].results if len(candidates) > 1 else None
                 row = _metrics_row(
                     epoch + 1,
                     train_loss,
@@ -585,12 +653,10 @@ def train(
                     ema_res,
                 )
                 state.history.append(row)
-                source, best_res, _, best_sc, best_tg, best_mod = max(
-                    candidates, key=lambda c: c[1]["mAP"]
-                )
-                improved = best_res["mAP"] > state.best_map
+                best = max(candidates, key=lambda c: c.results["mAP"])
+                improved = best.results["mAP"] > state.best_map
                 if improved:
-                    state.best_map = float(best_res["mAP"])
+                    state.best_map = float(best.results["mAP"])
                     state.best_epoch = epoch + 1
                 if dist.is_main:
                     log.info(
@@ -608,11 +674,15 @@ def train(
                                 )
                         writer.flush()
                     if improved:
-                        save_checkpoint(best_mod, run_dir / "best.safetensors", labels.names,
-                                        **checkpoint_meta(best_res, source))  # fmt: skip
+                        meta = checkpoint_meta(best.results, best.name)
+                        if best.thresholds is not None:
+                            meta["thresholds"] = [round(float(t), 6) for t in best.thresholds]
+                            meta["thresholds_from"] = calibration.source
+                        save_checkpoint(best.module, run_dir / "best.safetensors", labels.names,
+                                        **meta)  # fmt: skip
                         # the report is drawn from these, also after a resume
-                        np.save(run_dir / "best_val_scores.npy", best_sc.astype(np.float32))
-                        np.save(run_dir / "val_targets.npy", best_tg.astype(np.int8))
+                        np.save(run_dir / "best_val_scores.npy", best.scores.astype(np.float32))
+                        np.save(run_dir / "val_targets.npy", best.targets.astype(np.int8))
             state.epoch += 1
             state.consumed = 0
             state.loss_sum = 0.0
@@ -628,9 +698,11 @@ def train(
 
         sc = np.load(run_dir / "best_val_scores.npy", allow_pickle=False)
         tg = np.load(run_dir / "val_targets.npy", allow_pickle=False)
+        best_meta = read_metadata(run_dir / "best.safetensors")
         write_report(run_dir, title=f"{cfg.model.name} on {cfg.data.format}", names=labels.names,
                      scores=sc, targets=tg, per_class_ap=average_precision_per_class(sc, tg),
-                     history=state.history,
+                     history=state.history, thresholds=best_meta.get("thresholds"),
+                     thresholds_from=best_meta.get("thresholds_from"),
                      extra={"best epoch": state.best_epoch, "model": cfg.model.name,
                             "backbone": cfg.model.backbone, "image size": size})  # fmt: skip
     dist_utils.barrier()

@@ -1,0 +1,89 @@
+"""Per-class decision thresholds calibrated on data that is not the evaluation split.
+
+Sigmoid scores of a multi-label model are not calibrated across classes: with ASL or on
+rare classes, 0.5 predicts far too many (or too few) labels. mAP does not care, but a user
+reading the predicted labels does. Training therefore picks, per class, the threshold that
+maximises F1 on *calibration* data and stores it in the checkpoint, where ``predict``,
+``eval``, ``export``, ``serve`` and the report use it. The calibration data is
+
+* ``holdout`` (default): ``data.calibration_fraction`` of the training split, drawn with the
+  run's seed and kept out of training (and out of the label statistics), or
+* ``val``: the validation split itself, for runs that declare that their val split is not
+  the split they report on.
+
+Metrics at the calibrated thresholds are reported beside those at 0.5 (the papers'
+convention) with the prefix ``cal_``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlic.data import Annotations
+from mlic.errors import DataError
+from mlic.metrics import best_f1_thresholds, multilabel_metrics
+
+__all__ = ["CalibrationPlan", "split_calibration", "calibrated_metrics"]
+
+
+@dataclass
+class CalibrationPlan:
+    """Where a run's thresholds come from.
+
+    Attributes:
+        mode: ``holdout``, ``val`` or ``none`` (``data.calibration``).
+        holdout: the held-out training images (``holdout`` mode only).
+        source: a one-line description stored in the checkpoint as ``thresholds_from``.
+    """
+
+    mode: str
+    holdout: Annotations | None = None
+    source: str = ""
+
+
+def split_calibration(
+    train: Annotations, mode: str, fraction: float, seed: int
+) -> tuple[Annotations, CalibrationPlan]:
+    """``(training images, plan)``: in ``holdout`` mode, a seeded draw of ``fraction`` of
+    ``train`` (at least one image) is moved out of it into the plan.
+
+    The draw depends only on ``seed`` and the split's size, so a resumed or distributed run
+    holds out the same images. The rest keep their order.
+    """
+    if mode == "none":
+        return train, CalibrationPlan("none", source="none (threshold 0.5)")
+    if mode == "val":
+        return train, CalibrationPlan("val", source="the validation split (data.calibration=val)")
+    n = len(train)
+    k = max(1, round(fraction * n))
+    if n - k < 1:
+        raise DataError(
+            f"{train.source}: {n} training image(s) cannot spare {k} for threshold calibration; "
+            "add images or set data.calibration=none"
+        )
+    rng = np.random.default_rng([seed, 0xCA1])
+    held = np.sort(rng.permutation(n)[:k])
+    keep = np.setdiff1d(np.arange(n), held)
+    kept, holdout = train.subset(keep), train.subset(held)
+    kept.warnings = list(train.warnings)
+    source = (
+        f"{k} held-out training images ({100 * fraction:.0f} % of {n}, "
+        f"data.calibration_fraction={fraction})"
+    )
+    return kept, CalibrationPlan("holdout", holdout=holdout, source=source)
+
+
+def calibrated_metrics(
+    calib_scores: np.ndarray,
+    calib_targets: np.ndarray,
+    scores: np.ndarray,
+    targets: np.ndarray,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Thresholds tuned for per-class F1 on the calibration data, and the metrics of
+    ``scores`` against ``targets`` at those thresholds, keyed ``cal_<metric>`` (no mAP: it
+    does not depend on thresholds)."""
+    thresholds = best_f1_thresholds(calib_scores, calib_targets)  # [C]
+    metrics = multilabel_metrics(scores, targets, threshold=thresholds)
+    return thresholds, {f"cal_{k}": v for k, v in metrics.items() if k != "mAP"}
