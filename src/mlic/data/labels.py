@@ -16,7 +16,13 @@ import numpy as np
 from mlic.data import read_json
 from mlic.errors import DataError
 
-__all__ = ["LabelSet", "mlgcn_adjacency", "normalize_adjacency", "load_word_vectors"]
+__all__ = [
+    "ADJACENCY_VARIANTS",
+    "LabelSet",
+    "mlgcn_adjacency",
+    "normalize_adjacency",
+    "load_word_vectors",
+]
 
 
 def _positive(targets: np.ndarray) -> np.ndarray:
@@ -69,9 +75,11 @@ class LabelSet:
         denom = np.maximum(self.counts, 1).astype(np.float64)[:, None]
         return (self.cooccurrence / denom).astype(np.float32)
 
-    def mlgcn_adjacency(self, tau: float = 0.4, p: float = 0.2) -> np.ndarray:
+    def mlgcn_adjacency(
+        self, tau: float = 0.4, p: float = 0.2, variant: str = "paper"
+    ) -> np.ndarray:
         """ML-GCN's re-weighted, normalised adjacency of this label set (see :func:`mlgcn_adjacency`)."""
-        return mlgcn_adjacency(self.conditional, tau=tau, p=p)
+        return mlgcn_adjacency(self.conditional, tau=tau, p=p, variant=variant)
 
     def with_word_vectors(self, source: str | Path | None) -> LabelSet:
         """Attach word vectors: ``"glove"`` (shipped VOC/COCO GloVe, matched by name), a ``.npy`` path, or None."""
@@ -113,19 +121,41 @@ class LabelSet:
         )
 
 
-def mlgcn_adjacency(conditional: np.ndarray, tau: float = 0.4, p: float = 0.2) -> np.ndarray:
+ADJACENCY_VARIANTS = ("paper", "official")
+
+
+def mlgcn_adjacency(
+    conditional: np.ndarray, tau: float = 0.4, p: float = 0.2, variant: str = "paper"
+) -> np.ndarray:
     """ML-GCN (Chen et al., CVPR 2019) adjacency from conditional probabilities P(j|i).
 
+    ``variant="paper"`` (Eqs. 7-8 of the paper):
+
     1. binarise: A_ij = 1 if P(j|i) >= tau (removes noisy rare edges);
-    2. re-weight against over-smoothing: off-diagonal rows sum to p, self loop weight 1-p;
+    2. re-weight against over-smoothing: each row's neighbours share p (row sums), self loop
+       weight 1 - p;
     3. symmetric normalisation D^-1/2 A D^-1/2.
+
+    ``variant="official"`` (``gen_A`` + ``gen_adj`` of the official code, which the published
+    numbers come from; it uses p = 0.25): binarise as above, divide each *column* by its
+    sum times p, add a self loop of weight 1 (not 1 - p), then ``D^-1/2 A^T D^-1/2`` with D
+    the row sums -- a transposed, column-normalised graph.
+
     Returns float32 [C, C].
     """
+    if variant not in ADJACENCY_VARIANTS:
+        raise ValueError(f"adjacency variant {variant!r}: choose one of {list(ADJACENCY_VARIANTS)}")
     a = (np.asarray(conditional, dtype=np.float64) >= tau).astype(np.float64)
     np.fill_diagonal(a, 0.0)
+    eye = np.eye(a.shape[0])
+    if variant == "official":
+        a = a * p / (a.sum(axis=0, keepdims=True) + 1e-6) + eye  # column sums, self loop 1
+        deg = a.sum(axis=1)
+        inv = 1.0 / np.sqrt(deg)
+        return (inv[:, None] * a.T * inv[None, :]).astype(np.float32)  # D^-1/2 A^T D^-1/2
     row = a.sum(axis=1, keepdims=True)
     a = np.where(row > 0, a * p / np.maximum(row, 1e-6), 0.0)
-    a = a + np.eye(a.shape[0]) * (1.0 - p)
+    a = a + eye * (1.0 - p)
     # a class with no neighbours keeps only its self loop of weight (1 - p); normalisation
     # below rescales it to 1 so no node is silenced.
     return normalize_adjacency(a).astype(np.float32)

@@ -44,7 +44,10 @@ systems"), taken from the works the paper cites:
   queries the C prototypes by scaled dot-product attention, ``r_c = softmax(W_q f_c M^T /
   sqrt(d)) M`` (a learned query projection, the prototypes themselves as keys and values, so
   the read vector lives in the feature space); the classifier sees ``[f_c, r_c]``
-  concatenated (CMN combines the original and the response feature the same way);
+  concatenated (CMN combines the original and the response feature the same way).
+  Prototypes of classes that have not yet had a positive training image are still zero;
+  they are masked out of the read (they would otherwise draw attention weight and pull
+  every read vector towards 0);
 * one linear classifier per class on ``[f_c, r_c]`` (``ClassWiseLinear``);
 * training recipe: the abstract gives none. OURS: the Q2L/ASL recipe of the transformer
   peers AAMN compares with (refs. [34], [38]): ASL (gamma- 4, gamma+ 0, clip 0.05), AdamW
@@ -144,6 +147,11 @@ class SpatialRelation(nn.Module):
         return self.gamma * out + x  # [B, D, h, w]
 
 
+# Additive attention-mask value of an unseen prototype: exp(-1e4) is 0 in every float type,
+# and -1e4 stays finite in fp16 (where -inf rows would give NaN).
+_MASKED = -1e4
+
+
 class CategoricalMemory(nn.Module):
     """One prototype per class, moved by momentum from training features, read by attention.
 
@@ -164,7 +172,11 @@ class CategoricalMemory(nn.Module):
         # feats: [B, C, D] label features -> read vectors [B, C, D]
         q = self.query(feats).unsqueeze(1)  # [B, 1, C, D]
         mem = self.memory.to(q.dtype).expand(q.shape[0], 1, -1, -1)  # [B, 1, C, D]
-        return F.scaled_dot_product_attention(q, mem, mem).squeeze(1)  # [B, C, D]
+        # Prototypes of classes never seen in training are still zero: keep them out of the
+        # read (an additive mask, not a branch, so export traces one graph). With no class
+        # seen yet every slot is masked alike and the read is the mean of zeros, 0.
+        unseen = ((~self.initialized).to(q.dtype) * _MASKED).view(1, 1, 1, -1)  # [1, 1, 1, C]
+        return F.scaled_dot_product_attention(q, mem, mem, attn_mask=unseen).squeeze(1)
 
     @torch.no_grad()
     def update(self, feats: torch.Tensor, targets: torch.Tensor) -> None:
@@ -202,7 +214,13 @@ class AAMN(MultiLabelModel):
         memory_momentum: float = 0.9,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        channel_relation: bool = True,
+        spatial_relation: bool = True,
+        memory: bool = True,
     ) -> None:
+        """``channel_relation``, ``spatial_relation``, ``memory``: False removes that module
+        (the ablations of the three modules the abstract names); without the memory the
+        classifier sees the label features alone."""
         super().__init__(num_classes, backbone, pretrained, (-1,), drop_path_rate)
         channels = self.backbone.channels[-1]
         if dim is None:
@@ -215,12 +233,14 @@ class AAMN(MultiLabelModel):
                 nn.ReLU(inplace=True),
             )
         self.dim = dim
-        self.channel_relation = ChannelRelation()
-        self.spatial_relation = SpatialRelation(dim, spatial_reduction)
+        self.channel_relation = ChannelRelation() if channel_relation else nn.Identity()
+        self.spatial_relation = (
+            SpatialRelation(dim, spatial_reduction) if spatial_relation else nn.Identity()
+        )
         self.class_attention = ClassWiseAttention(dim, num_classes)
-        self.memory = CategoricalMemory(num_classes, dim, memory_momentum)
+        self.memory = CategoricalMemory(num_classes, dim, memory_momentum) if memory else None
         self.dropout = nn.Dropout(drop_rate)
-        self.classifier = ClassWiseLinear(num_classes, 2 * dim)
+        self.classifier = ClassWiseLinear(num_classes, 2 * dim if memory else dim)
         self._last_label_features: torch.Tensor | None = None
 
     def enhance(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,10 +254,13 @@ class AAMN(MultiLabelModel):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = self.enhance(features[-1])  # [B, d, h, w]
         feats, maps = self.class_attention(x, need_weights=return_attention)  # [B, C, d]
-        if self.training:
-            self._last_label_features = feats.detach()  # [B, C, d], for on_train_batch_end
-        read = self.memory(feats)  # [B, C, d]
-        fused = torch.cat((feats, read), dim=-1)  # [B, C, 2d]
+        if self.memory is None:
+            fused = feats  # [B, C, d]
+        else:
+            if self.training:
+                self._last_label_features = feats.detach()  # [B, C, d], for on_train_batch_end
+            read = self.memory(feats)  # [B, C, d]
+            fused = torch.cat((feats, read), dim=-1)  # [B, C, 2d]
         logits = self.classifier(self.dropout(fused))  # [B, C]
         if not return_attention:
             return logits
@@ -251,7 +274,7 @@ class AAMN(MultiLabelModel):
         mode or when no training forward happened since the last call.
         """
         feats, self._last_label_features = self._last_label_features, None
-        if feats is None or not self.training:
+        if feats is None or not self.training or self.memory is None:
             return
         self.memory.update(feats, targets.to(feats.device))
 

@@ -145,18 +145,25 @@ class MultiLabelModel(nn.Module):
 
 # ----------------------------------------------------------------------------- label graph inputs
 def label_graph(
-    labels: Any | None, num_classes: int, kind: str = "mlgcn", tau: float = 0.4, p: float = 0.2
+    labels: Any | None,
+    num_classes: int,
+    kind: str = "mlgcn",
+    tau: float = 0.4,
+    p: float = 0.2,
+    variant: str = "paper",
 ) -> torch.Tensor:
     """The label graph a model keeps as a buffer, from the training split's LabelSet.
 
-    ``kind``: ``mlgcn`` (ML-GCN re-weighted, normalised adjacency with self loops),
+    ``kind``: ``mlgcn`` (ML-GCN re-weighted, normalised adjacency with self loops; ``variant``
+    ``paper`` = Eqs. 7-8, ``official`` = the released code's ``gen_A``, see
+    :func:`mlic.data.labels.mlgcn_adjacency`),
     ``conditional`` (raw P(j|i)), or ``cooccurrence`` (counts). Without ``labels`` (a model
     rebuilt from a checkpoint, whose state dict then fills the buffer) a placeholder identity.
     """
     if labels is None:
         return torch.eye(num_classes)
     if kind == "mlgcn":
-        return torch.from_numpy(labels.mlgcn_adjacency(tau=tau, p=p)).float()
+        return torch.from_numpy(labels.mlgcn_adjacency(tau=tau, p=p, variant=variant)).float()
     if kind == "conditional":
         return torch.from_numpy(labels.conditional).float()
     if kind == "cooccurrence":

@@ -23,7 +23,13 @@ SE/GCNet channel gating):
   softmax over the levels, weighted sum -> one multi-scale map [B, d, h, w]. OURS: the
   target resolution (the middle level keeps small objects resolvable at a moderate cost)
   and the per-position softmax over levels;
-* channel dual-branch cross-attention, OURS: global branch ``g = GAP(F)`` [B, d], local
+* channel dual-branch cross-attention, OURS, in two readings (``dual_branch``). The
+  default, ``spatial``: global-to-local *spatial* cross-attention, the pooled context as the
+  query over the positions, gating each position (``GlobalLocalSpatialCrossAttention``), so
+  the global context changes where the label attention below looks. The earlier reading,
+  ``channel``, follows; its global branch is a context vector added at every position, which
+  cancels in the class-attention softmax (a per-class constant over positions) and so cannot
+  help localise -- it is kept for comparison. ``channel``: global branch ``g = GAP(F)`` [B, d], local
   branch ``F`` [B, d, h, w]. Global -> local: an SE-style channel gate computed from ``g``
   re-weights the local map's channels; local -> global: a channel gate computed from the
   local branch's peak responses (global max pooling, the most salient local evidence)
@@ -76,7 +82,13 @@ from mlic.models.layers import (
 )
 from mlic.models.registry import register_model
 
-__all__ = ["MGSGN", "CrossLayerAttention", "ChannelDualCrossAttention", "MultiPerspectiveGraph"]
+__all__ = [
+    "MGSGN",
+    "CrossLayerAttention",
+    "ChannelDualCrossAttention",
+    "GlobalLocalSpatialCrossAttention",
+    "MultiPerspectiveGraph",
+]
 
 # OUR training recipe (the abstract gives none): ML-GCN's, see module docstring.
 _PAPER: dict[str, Any] = {
@@ -166,6 +178,54 @@ class ChannelDualCrossAttention(nn.Module):
         return w[0] * local + w[1] * glob[:, :, None, None]  # [B, d, h, w]
 
 
+class GlobalLocalSpatialCrossAttention(nn.Module):
+    """Dual-branch cross-attention in which the global context reweights *positions*.
+
+    global -> local (spatial cross-attention): the pooled feature ``g`` is the query, every
+    position ``x_p`` a key, and the scaled score ``s_p = <W_q g, W_k x_p> / sqrt(d_k)``
+    gates that position, ``local'_p = x_p * (1 + tanh(s_p))`` (in (0, 2); ``W_q`` starts at 0,
+    so the gate starts at 1 and the module at the identity); local -> global as in
+    :class:`ChannelDualCrossAttention` (a channel gate on ``g`` from the local peaks); the same
+    adaptive fusion. Unlike a context vector added at every position, a per-position gate
+    changes where the class-wise attention looks: its scores are linear in the features, so a
+    gate ``1 + tanh(s_p)`` rescales position p's score and moves the softmax.
+    """
+
+    def __init__(self, dim: int, reduction: int = 4, key_dim: int = 64) -> None:
+        super().__init__()
+        hidden = max(dim // reduction, 1)
+        self.query = nn.Linear(dim, key_dim, bias=False)
+        self.key = nn.Conv2d(dim, key_dim, kernel_size=1, bias=False)
+        nn.init.zeros_(self.query.weight)
+        self.local_to_global = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim)
+        )
+        self.fusion_logits = nn.Parameter(torch.zeros(2))
+
+    @property
+    def fusion_weights(self) -> torch.Tensor:
+        return torch.softmax(self.fusion_logits, dim=0)  # [2]
+
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The global-to-local gate per position [B, 1, h, w], in (0, 2)."""
+        g = x.mean(dim=(2, 3))  # [B, d]
+        q = self.query(g)  # [B, d_k]
+        k = self.key(x)  # [B, d_k, h, w]
+        score = torch.einsum("bk,bkhw->bhw", q, k) * q.shape[-1] ** -0.5  # [B, h, w]
+        return (1.0 + torch.tanh(score)).unsqueeze(1)  # [B, 1, h, w]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, d, h, w] -> [B, d, h, w]
+        g = x.mean(dim=(2, 3))  # [B, d]
+        local = x * self.spatial_gate(x)  # [B, d, h, w]
+        glob = g * torch.sigmoid(self.local_to_global(x.amax(dim=(2, 3))))  # [B, d]
+        w = self.fusion_weights.to(x.dtype)  # [2]
+        return w[0] * local + w[1] * glob[:, :, None, None]  # [B, d, h, w]
+
+
+DUAL_BRANCH = ("spatial", "channel")
+
+
 class MultiPerspectiveGraph(nn.Module):
     """Per-image label graph from a weighted multi-perspective cosine similarity.
 
@@ -228,17 +288,30 @@ class MGSGN(MultiLabelModel):
         channel_reduction: int = 4,
         tau: float = 0.4,
         p: float = 0.2,
+        adjacency: str = "paper",
+        dual_branch: str = "spatial",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
+        """``dual_branch``: ``spatial`` (default) is :class:`GlobalLocalSpatialCrossAttention`,
+        where the global context reweights positions; ``channel`` the earlier reading
+        (:class:`ChannelDualCrossAttention`), whose global branch is constant over positions."""
         super().__init__(num_classes, backbone, pretrained, (-3, -2, -1), drop_path_rate)
+        if dual_branch not in DUAL_BRANCH:
+            raise ValueError(f"dual_branch={dual_branch!r}: choose one of {list(DUAL_BRANCH)}")
         self.cross_layer = CrossLayerAttention(self.backbone.channels, dim)
-        self.dual_branch = ChannelDualCrossAttention(dim, channel_reduction)
+        self.dual_branch = (
+            GlobalLocalSpatialCrossAttention(dim, channel_reduction)
+            if dual_branch == "spatial"
+            else ChannelDualCrossAttention(dim, channel_reduction)
+        )
         self.class_attention = ClassWiseAttention(dim, num_classes)
         self.dynamic_graph = MultiPerspectiveGraph(
             dim, num_perspectives, perspective_dim, center_graph
         )
-        self.register_buffer("static_adjacency", label_graph(labels, num_classes, "mlgcn", tau, p))
+        self.register_buffer(
+            "static_adjacency", label_graph(labels, num_classes, "mlgcn", tau, p, adjacency)
+        )
         self.mix_logit = nn.Parameter(torch.zeros(1))
         self.gcn = GCNStack((dim, gcn_hidden, dim))
         self.dropout = nn.Dropout(drop_rate)

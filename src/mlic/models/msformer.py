@@ -61,10 +61,19 @@ Choices that are OURS (the paper is silent or ambiguous), and why:
   renormalised to sum to 1 (so that the coarse 7x7 branch does not dominate by having fewer,
   larger cells) and averaged over the branches -> [B, C, h1, w1].
 * Table 7's "self-attention in the first / the other decoder layers" settings are
-  ``decoder_self_attention="first"`` / ``"rest"``. Table 5's fusion Modes 1-2 are not
-  described in the text, so only the paper's Mode 3 (the model above) is built; Table 4's
-  "without hierarchical scale attention" is ``scale_fusion="none"`` and "without the global
-  feature enhancement module" is ``num_encoders=0``.
+  ``decoder_self_attention="first"`` / ``"rest"``. Table 4's ablations: "without hierarchical
+  scale attention" is ``scale_fusion="none"``, "without the global feature enhancement
+  module" is ``num_encoders=0``, and "without the region selection module" is
+  ``region_selection=False``; OURS for the last (the paper shows only the number): each
+  branch's encoded tokens are average-pooled and the pooled vector stands in for every
+  class's Z_i, so the per-class linear reads one global feature per branch (no label
+  queries, no attention maps). Table 5's feature-fusion modes are ``branches``, a subset of
+  ``("x1", "x2", "x3")``: the text describes Mode 3 (all three) and the "traditional"
+  layer4-only baseline (``("x2",)``, the 1x1 conv of layer4) but shows Modes 1-2 only in a
+  table image; OUR reading is Mode 1 = ``("x1", "x2")`` (layer3 + layer4, no coarse map) and
+  Mode 2 = ``("x2", "x3")`` (layer4's two scales). Scale attention needs two branches or more.
+* Input sizes other than 448: ``pos_image_size`` sizes the positional encodings (e.g. 576 for
+  the 576 px COCO recipe, ``msformer_coco2014_576``).
 """
 
 from __future__ import annotations
@@ -89,6 +98,7 @@ __all__ = ["MSFormer", "HierarchicalScaleAttention", "msformer"]
 INTERPOLATION_MODES = ("bilinear", "nearest", "area", "bicubic")
 SCALE_FUSION_MODES = ("hierarchical", "none")
 CLASSIFIERS = ("per_class", "shared")
+BRANCHES = ("x1", "x2", "x3")  # layer3 1x1, layer4 1x1, layer4 3x3/2 (Eq. 1)
 DECODER_SELF_ATTENTION = ("none", "all", "first", "rest")
 
 
@@ -186,9 +196,22 @@ class MSFormer(MultiLabelModel):
         dropout: float = 0.1,
         attn_dropout: float = 0.0,
         pos_image_size: int | None = None,
+        branches: Sequence[str] = BRANCHES,
+        region_selection: bool = True,
         drop_path_rate: float = 0.0,
     ) -> None:
+        """Ablation switches (see the module docstring): ``branches`` a subset of
+        ``("x1", "x2", "x3")`` (Table 5; ``("x2",)`` is the layer4-only baseline),
+        ``region_selection=False`` (Table 4), ``scale_fusion="none"``, ``num_encoders=0``."""
         super().__init__(num_classes, backbone, pretrained, (-2, -1), drop_path_rate)
+        branches = tuple(branches)
+        if (
+            not branches
+            or any(b not in BRANCHES for b in branches)
+            or len(set(branches)) < len(branches)
+        ):
+            raise ValueError(f"branches={list(branches)}: a non-empty subset of {list(BRANCHES)}")
+        branches = tuple(b for b in BRANCHES if b in branches)  # largest map first
         if scale_fusion not in SCALE_FUSION_MODES:
             raise ValueError(
                 f"scale_fusion={scale_fusion!r} is not one of {list(SCALE_FUSION_MODES)}"
@@ -210,22 +233,26 @@ class MSFormer(MultiLabelModel):
         self.interpolation = interpolation
 
         # Eq. 1: one convolution per branch; (backbone map index, conv) pairs
-        self.branch_inputs = (0, 1, 1)
-        self.branch_convs = nn.ModuleList(
-            [
-                nn.Conv2d(c3, d_model, kernel_size=1),  # x1: layer3, stride s3
-                nn.Conv2d(c4, d_model, kernel_size=1),  # x2: layer4, stride s4
-                nn.Conv2d(c4, d_model, kernel_size=3, stride=2, padding=1),  # x3: 2 * s4
-            ]
-        )
-        self.scale_attention = (
-            HierarchicalScaleAttention(interpolation) if scale_fusion == "hierarchical" else None
-        )
-
-        # Eq. 6: learnable positional encodings sized for the default input
+        self.branches = branches
         size = pos_image_size or self.default_image_size
         h2 = _grid(size, s4)
-        grids = [_grid(size, s3), h2, (h2 - 1) // 2 + 1]  # 28, 14, 7 at 448 px
+        spec = {  # branch -> (backbone map, conv, grid at pos_image_size): 28, 14, 7 at 448 px
+            "x1": (0, nn.Conv2d(c3, d_model, kernel_size=1), _grid(size, s3)),
+            "x2": (1, nn.Conv2d(c4, d_model, kernel_size=1), h2),
+            "x3": (
+                1,
+                nn.Conv2d(c4, d_model, kernel_size=3, stride=2, padding=1),
+                (h2 - 1) // 2 + 1,
+            ),
+        }
+        self.branch_inputs = tuple(spec[b][0] for b in branches)
+        self.branch_convs = nn.ModuleList(spec[b][1] for b in branches)
+        # a single branch has no other scale to fuse with
+        fuse = scale_fusion == "hierarchical" and len(branches) > 1
+        self.scale_attention = HierarchicalScaleAttention(interpolation) if fuse else None
+
+        # Eq. 6: learnable positional encodings sized for the default input
+        grids = [spec[b][2] for b in branches]
         self.pos_embed = nn.ParameterList(
             [nn.Parameter(torch.zeros(1, d_model, g, g)) for g in grids]
         )
@@ -237,8 +264,11 @@ class MSFormer(MultiLabelModel):
                 for _ in range(num_encoders)
             ]
         )
+        self.region_selection = region_selection
         self.decoders = nn.ModuleList(
-            [
+            []
+            if not region_selection
+            else [
                 LabelQueryDecoderLayer(
                     d_model,
                     num_heads,
@@ -251,7 +281,9 @@ class MSFormer(MultiLabelModel):
             ]
         )
         # learnable label embeddings (the paper uses no word vectors)
-        self.label_embed = LabelEmbedding(num_classes, None, d_model, learnable=True)
+        self.label_embed = (
+            LabelEmbedding(num_classes, None, d_model, learnable=True) if region_selection else None
+        )
 
         # Section 3.6: Z [C, 3d] -> one score per class
         z_dim = len(self.branch_convs) * d_model
@@ -281,6 +313,11 @@ class MSFormer(MultiLabelModel):
         )
         for p in classifier:
             nn.init.zeros_(p)
+
+    @property
+    def has_attention(self) -> bool:
+        """Label-wise maps come from the region-selection decoders (absent in that ablation)."""
+        return self.region_selection
 
     def positional_encoding(self, branch: int, height: int, width: int) -> torch.Tensor:
         """Branch ``branch``'s encoding [1, D, height, width], bilinearly resized if needed."""
@@ -319,6 +356,12 @@ class MSFormer(MultiLabelModel):
         lengths = [h * w for h, w in grids]
         for layer in self.encoders:
             tokens = layer(tokens, segments=lengths)  # [B, sum h_i*w_i, D]
+        if not self.region_selection:  # Table 4 ablation: no class-specific features
+            if need_weights:
+                raise ValueError("msformer without region selection has no label attention")
+            c = self.num_classes
+            pooled = [t.mean(dim=1, keepdim=True) for t in tokens.split(lengths, dim=1)]
+            return [p.expand(-1, c, -1) for p in pooled], None  # n x [B, C, D]
         # a copy, not a module call or a view of the parameter: FlopCounterMode under
         # inference_mode (mlic.bench) fails on module inputs/outputs that are grad leaves
         c = self.label_embed.weight.shape[0]

