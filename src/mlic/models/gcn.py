@@ -33,6 +33,19 @@ unstated details (see DESIGN.md, "The seed systems"):
 * ``logit_c = <W_c, fused_c>`` (no bias, as ML-GCN);
 * training recipe: ML-GCN's (the abstract gives none).
 
+Choices that are OURS in both models, and ablations:
+
+* the last graph convolution is initialised at zero, so the generated classifiers and the
+  logits start at 0 (see ``GCNClassifierGenerator``; measured reason in its comment);
+* ``adjacency="paper"`` (default, Eqs. 7-8) or ``"official"`` (the released ``gen_A``: column
+  re-weighting with p = 0.25, self loop 1, transposed normalisation), see
+  :func:`mlic.data.labels.mlgcn_adjacency`;
+* ``attn_gcn(gcn=False)``: learnable classifiers instead of GCN-generated ones (the "without
+  GCN" ablation);
+* with ASL, the classifiers that a shared GCN generates rise together (ASL's negatives push
+  back weakly, and its probability shift stops pushing once they pass 1 - clip): the demo
+  recipes of both models use ML-GCN's BCE (``configs/mlgcn_demo.yaml`` says what was measured).
+
 Both models keep the adjacency and (when given) the word vectors as buffers set from the
 training split's :class:`~mlic.data.labels.LabelSet`; without word vectors they learn the
 label embeddings instead. ``return_attention=True`` gives, for ``mlgcn``, class activation
