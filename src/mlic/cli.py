@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from mlic.errors import ConfigError, MlicError
+from mlic.errors import ConfigError, DataError, MlicError
 
 __all__ = ["main", "resolve_config_path"]
 
@@ -116,8 +116,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor.from_checkpoint(ckpt, device=args.device)
     heat = Path(args.heatmaps) if args.heatmaps else None
+    if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):  # before any work
+        raise ConfigError(f"--output {args.output}: must end in .csv or .jsonl")
     summary = run_predict(predictor, args.inputs, batch_size=args.batch_size, threshold=args.threshold,
                           top_k=args.top_k, heatmaps=heat, progress=not args.quiet)  # fmt: skip
+    if not summary.predictions and summary.failed:  # nothing to write: keep any old output
+        kept = f"; {args.output} left unchanged" if args.output else ""
+        raise DataError(
+            f"no input could be predicted ({len(summary.failed)} failed, the first: "
+            f"{summary.failed[0]}){kept}"
+        )
     if args.output:
         write_predictions(summary.predictions, predictor.names, Path(args.output))
         print(f"{len(summary.predictions)} predictions written to {args.output}")
@@ -215,7 +223,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         gf = f"{s['gflops']:8.2f}" if s["gflops"] is not None else "       -"
         print(f"{name:<12} {s['params_m']:11.2f} {gf}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from mlic.files import write_text
+
+        write_text(args.json, json.dumps(rows, indent=1))
     return 0
 
 

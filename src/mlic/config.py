@@ -247,4 +247,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what `mlic train` saves beside every run)."""
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    from mlic.files import write_text
+
+    write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

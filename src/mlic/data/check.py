@@ -42,6 +42,7 @@ import numpy as np
 
 from mlic.data import Annotations
 from mlic.errors import ConfigError, DataError
+from mlic.files import savefig, write_text
 
 __all__ = [
     "CHECK_DRAFT_SIZE",
@@ -330,7 +331,7 @@ def plot_class_frequency(
     ax.set_title("Class frequency")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -423,7 +424,7 @@ def write_stats(
             lines.append(f"- ... and {len(ann.warnings) - 10} more warnings")
         lines.append("")
     path = out / "stats.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
     summary = [
         f"{name}: {s['images']} images, {len(names)} classes, {s['cardinality']:.2f} labels/image, "

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from mlic.errors import DataError
+from mlic.files import MAX_IMAGE_BYTES, read_regular_bytes, require_regular_file
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
@@ -79,17 +80,43 @@ def _as_data_error(path: Path, e: BaseException) -> DataError:
     return DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})")
 
 
+#: Bytes at the end of a JPEG searched for its end-of-image marker (FF D9): files with a
+#: little data after the marker (some cameras append it) are not truncated.
+_JPEG_TAIL = 4096
+
+
+def _check_complete(path: Path, fmt: str | None, size: int) -> None:
+    """Raise DataError when a JPEG lacks its end-of-image marker or a PNG its IEND chunk.
+
+    A file cut short (interrupted copy or download) keeps a valid header, so only this or a
+    full decode finds it; reading the last few KiB costs one seek.
+    """
+    if fmt not in ("JPEG", "PNG"):
+        return
+    tail_len = min(size, _JPEG_TAIL if fmt == "JPEG" else 64)
+    with open(path, "rb") as f:
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise DataError(f"{path}: truncated JPEG (no end-of-image marker); cannot decode image")
+    if fmt == "PNG" and b"IEND" not in tail:
+        raise DataError(f"{path}: truncated PNG (no IEND chunk); cannot decode image")
+
+
 def probe_image(path: str | Path) -> tuple[int, int]:
     """Cheap check that ``path`` is an image of an acceptable size: ``(width, height)``.
 
-    Reads only the header (``Image.open`` is lazy), so it finds missing, empty, non-image
-    and oversized files, but not truncated pixel data -- that needs a decode
+    Reads the header (``Image.open`` is lazy) and the file's last few KiB, so it finds
+    missing, empty, non-image, oversized and non-regular files (FIFOs...), and JPEG/PNG files
+    cut short (no end marker); corrupt data in the middle of a file needs a decode
     (:func:`load_image`). Raises DataError naming the file.
     """
     path = Path(path)
+    size = require_regular_file(path, "image file", MAX_IMAGE_BYTES)
     try:
         with Image.open(path) as img:
             _check_size(path, img)
+            _check_complete(path, img.format, size)
             return img.size
     except DataError:
         raise
@@ -143,6 +170,8 @@ def load_image(
     Raises DataError naming the file when it is missing, unreadable, truncated or too large.
     """
     path = Path(path)
+    if data is None:
+        data = read_regular_bytes(path, "image file", MAX_IMAGE_BYTES)
     try:
         with _open(path, data) as img:
             _check_size(path, img)  # before load(): an oversized file allocates nothing
@@ -201,10 +230,7 @@ def decode_image(path: str | Path, draft_size: int | None = None) -> torch.Tenso
     are fastest on. Raises DataError naming the file, as :func:`load_image` does.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except Exception as e:
-        raise _as_data_error(path, e) from e
+    data = read_regular_bytes(path, "image file", MAX_IMAGE_BYTES)
     fast = _decode_jpeg_turbo(path, data, draft_size)
     if fast is not None:
         return fast
