@@ -225,7 +225,7 @@ def test_screen_skips_counts_and_lists_bad_images(
     splits = {"train": train, "val": annotations_of([f["good"], f["good"]])}
     with caplog.at_level(logging.INFO, logger="mlic"):
         fast = screen_splits(splits, _cfg("fast", skip=True), tmp_path / "run")
-    assert len(fast["train"]) == 2  # header check: the truncated file passes
+    assert len(fast["train"]) == 1  # header + end-marker check: the truncated file is found
     with caplog.at_level(logging.INFO, logger="mlic"):
         out = screen_splits(splits, _cfg("full", skip=True), tmp_path / "run")
     assert out["train"].images == [f["good"]] and len(out["val"]) == 2
