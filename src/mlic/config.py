@@ -6,6 +6,7 @@ An unknown key, a value of the wrong type or a value outside a key's allowed cho
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlic.errors import ConfigError
+from mlic.files import read_regular_text
 
 __all__ = [
     "Config",
@@ -223,7 +225,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: config file not found")
         origin = str(p)
         try:
-            layers.append(OmegaConf.load(p))
+            text = read_regular_text(p, "config file", 64 << 20, error=ConfigError)
+            layers.append(OmegaConf.load(io.StringIO(text)))
+        except ConfigError:
+            raise
         except Exception as e:  # yaml.YAMLError and friends
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
     try:

@@ -9,6 +9,7 @@ DDP run shards exactly the same sequence across ranks.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -234,6 +235,22 @@ def build_loader(
     )
 
 
+def _check_unique_images(ann: Annotations) -> None:
+    """Refuse a split that lists one file twice (``img/a.jpg`` and ``./img/a.jpg`` included):
+    with different labels one of them is wrong, and either way the file would count twice."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(ann.images):
+        key = os.path.normpath(str(p))
+        if key in seen:
+            j = seen[key]
+            same = "the same labels" if (ann.targets[i] == ann.targets[j]).all() else "different labels"
+            raise DataError(
+                f"{ann.source}: image {ann.images[i]} is listed twice (entries {j + 1} and "
+                f"{i + 1}, {same}); keep one entry per file"
+            )
+        seen[key] = i
+
+
 def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> Annotations:
     """Read the ``train`` or ``val`` split named by a :class:`~mlic.config.DataConfig`.
 
@@ -284,6 +301,7 @@ def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> An
         )
     else:  # config validation lists the allowed formats
         raise DataError(f"data.format={fmt!r} is not supported")
+    _check_unique_images(ann)
     if class_names is not None and ann.names != list(class_names):
         raise DataError(
             f"{ann.source}: classes differ from the training split's {list(class_names)}"
