@@ -14,6 +14,7 @@ target, so a crash mid-write leaves the previous file intact.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from mlic.errors import CheckpointError
-from mlic.files import atomic_write
+from mlic.files import atomic_write, require_regular_file
 
 __all__ = [
     "atomic_write",
@@ -35,6 +36,7 @@ __all__ = [
     "save_resume",
     "load_resume",
     "unwrap_model",
+    "validate_metadata",
 ]
 
 
@@ -101,8 +103,7 @@ def save_checkpoint(
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded metadata of an mlic safetensors checkpoint (no tensors loaded)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    require_regular_file(path, "checkpoint", error=CheckpointError)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -117,7 +118,77 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     for key in ("model", "num_classes", "label_names", "model_kwargs"):
         if key not in meta:
             raise CheckpointError(f"{path}: metadata has no {key!r}; not an mlic checkpoint")
+    validate_metadata(meta, str(path))
     return meta
+
+
+#: Bounds on values read from a checkpoint's metadata (a file may come from anyone).
+MAX_CLASSES = 100_000
+MAX_LABEL_CHARS = 1_000
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4_096
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_metadata(meta: dict[str, Any], where: str) -> None:
+    """Check every metadata value mlic uses, with bounds, before anything uses it.
+
+    Raises CheckpointError ``"<where>: metadata <key> ..."`` naming the key and the bound:
+    a hostile or damaged file can not make mlic allocate without bound (``input_size``),
+    mis-read labels (a string ``label_names`` split into characters, duplicate names
+    collapsing a score column) or divide by zero (``std``).
+    """
+
+    def bad(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: metadata {key} {why}; refusing this checkpoint")
+
+    if not isinstance(meta.get("model"), str) or not meta["model"]:
+        raise bad("model", "must be a model name (a non-empty string)")
+    n = meta.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CLASSES:
+        raise bad("num_classes", f"must be an integer in [1, {MAX_CLASSES}], got {n!r:.60}")
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+        raise bad("label_names", f"must be a list of strings, got {type(names).__name__}")
+    if len(names) != n:
+        raise bad("label_names", f"has {len(names)} names but num_classes is {n}")
+    if any(not x or len(x) > MAX_LABEL_CHARS for x in names):
+        raise bad("label_names", f"must be non-empty strings of at most {MAX_LABEL_CHARS} characters")
+    if len(set(names)) != len(names):
+        dup = sorted({x for x in names if names.count(x) > 1})[:5]
+        raise bad("label_names", f"has duplicates {dup}")
+    if not isinstance(meta.get("model_kwargs"), dict):
+        raise bad("model_kwargs", "must be a JSON object")
+    size = meta.get("input_size", [3, 448, 448])
+    if (
+        not isinstance(size, list)
+        or len(size) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+        or size[0] != 3
+        or not all(MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE for v in size[1:])
+    ):
+        raise bad(
+            "input_size",
+            f"must be [3, H, W] with H, W in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}], got {size!r:.60}",
+        )
+    for key, positive in (("mean", False), ("std", True)):
+        v = meta.get(key, [0.5, 0.5, 0.5])
+        if (
+            not isinstance(v, list)
+            or len(v) != 3
+            or not all(_finite_number(x) and (x > 0 if positive else abs(x) <= 1e3) for x in v)
+        ):
+            what = "3 finite numbers > 0" if positive else "3 finite numbers"
+            raise bad(key, f"must be {what}, got {v!r:.60}")
+    thr = meta.get("thresholds")
+    if thr is not None and (
+        not isinstance(thr, list)
+        or len(thr) != n
+        or not all(_finite_number(t) and 0.0 <= t <= 1.0 for t in thr)
+    ):
+        raise bad("thresholds", f"must be {n} numbers in [0, 1] (one per label)")
 
 
 def load_checkpoint(
@@ -180,8 +251,7 @@ def save_resume(state: dict[str, Any], path: str | Path) -> None:
 def load_resume(path: str | Path) -> dict[str, Any]:
     """Load a resume state with ``weights_only=True``: pickled objects are refused, not run."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: resume state not found")
+    require_regular_file(path, "resume state", error=CheckpointError)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
