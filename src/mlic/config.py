@@ -152,6 +152,9 @@ class TrainConfig:
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
+    # An existing run folder is never overwritten unless this is true (then it is replaced,
+    # after the new run has validated its config and data).
+    overwrite: bool = False
     tensorboard: bool = True
     progress: bool = True
 
@@ -184,6 +187,16 @@ POSITIVE: tuple[str, ...] = (
 )
 
 
+#: Optional counts that, when set, must be at least 1 (0 or -1 would mean "no data").
+AT_LEAST_ONE: tuple[str, ...] = (
+    "data.max_train_images",
+    "data.max_val_images",
+    "data.eval_batch_size",
+    "train.max_steps_per_epoch",
+    "train.threads",
+)
+
+
 def _check(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -195,6 +208,19 @@ def _check(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be > 0")
     if not 0.0 <= cfg.data.random_erasing <= 1.0:
         raise ConfigError(f"data.random_erasing={cfg.data.random_erasing} must be in [0, 1]")
+    for key in AT_LEAST_ONE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value!r} must be >= 1 (or unset)")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"data.workers={cfg.data.workers} must be >= 0")
+    if cfg.data.image_size is not None and not 16 <= cfg.data.image_size <= 4096:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} must be in [16, 4096] (or unset)")
+    name = cfg.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(
+            f"run.name={name!r} must be a plain folder name (no '/', not '.' or '..')"
+        )
     if not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in (0, 1)")
 

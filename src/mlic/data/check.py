@@ -178,6 +178,7 @@ def screen_splits(
     data_cfg: Any,
     run_dir: Path | None = None,
     is_main: bool = True,
+    skipped: list[str] | None = None,
 ) -> dict[str, Annotations]:
     """What ``mlic train`` does with freshly read splits before anything else sees them.
 
@@ -185,6 +186,8 @@ def screen_splits(
     ``data_cfg.image_check`` and then either raises :class:`DataError` listing every broken
     image, or -- with ``data_cfg.skip_bad_images`` -- returns the splits without them, after
     logging each one and writing them to ``run_dir/bad_images.txt`` (main process only).
+    ``skipped``: a list the skipped images' lines are appended to, for a caller that writes
+    the run folder itself later (``mlic train`` touches no run folder before its data is valid).
     """
     mode = getattr(data_cfg, "image_check", "fast")
     if mode not in IMAGE_CHECKS:
@@ -215,6 +218,8 @@ def screen_splits(
             f"Fix or remove them, or set data.skip_bad_images=true to train without them{hint}:\n  "
             + "\n  ".join(lines)
         )
+    if skipped is not None:
+        skipped += lines
     out = {}
     for name, ann in splits.items():
         out[name] = drop_images(ann, [i for i, _ in broken[name]])
@@ -224,8 +229,7 @@ def screen_splits(
         where = ""
         if run_dir is not None:
             run_dir = Path(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "bad_images.txt").write_text("\n".join(lines) + "\n")
+            write_text(run_dir / "bad_images.txt", "\n".join(lines) + "\n")
             where = f"; listed in {run_dir / 'bad_images.txt'}"
         kept = ", ".join(f"{len(ann)} {name}" for name, ann in out.items())
         log.warning(

@@ -33,6 +33,7 @@ __all__ = [
     "ToNormalizedFloat",
     "build_transform",
     "decode_image",
+    "device_decodable_jpeg",
     "load_image",
     "probe_image",
     "to_rgb",
@@ -222,19 +223,75 @@ def _decode_jpeg_turbo(path: Path, data: bytes, draft_size: int | None) -> torch
     return torch.from_numpy(arr).permute(2, 0, 1)  # [3, H, W] uint8 (an HWC view)
 
 
-def decode_image(path: str | Path, draft_size: int | None = None) -> torch.Tensor:
+def decode_image(
+    path: str | Path, draft_size: int | None = None, data: bytes | None = None
+) -> torch.Tensor:
     """Decode ``path`` to a uint8 RGB tensor ``[3, H, W]``: what :func:`load_image` gives,
     as a tensor, with libjpeg-turbo's direct path for plain RGB/greyscale JPEGs.
 
     The tensor is a channels-last (HWC) view, the layout torchvision's uint8 resize kernels
-    are fastest on. Raises DataError naming the file, as :func:`load_image` does.
+    are fastest on. ``data``: the file's bytes, already read. Raises DataError naming the
+    file, as :func:`load_image` does.
     """
     path = Path(path)
-    data = read_regular_bytes(path, "image file", MAX_IMAGE_BYTES)
+    if data is None:
+        data = read_regular_bytes(path, "image file", MAX_IMAGE_BYTES)
     fast = _decode_jpeg_turbo(path, data, draft_size)
     if fast is not None:
         return fast
     return v2.functional.pil_to_tensor(load_image(path, draft_size, data=data))
+
+
+def _jpeg_frame_marker(data: bytes) -> int | None:
+    """The start-of-frame marker (0xC0 baseline, 0xC2 progressive, ...) of a JPEG, or None.
+
+    Walks the marker segments from SOI; None when the structure is broken before a frame.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI or scan data before any frame
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def device_decodable_jpeg(data: bytes, draft_size: int | None = None) -> bool:
+    """Whether a device JPEG decoder (``torchvision.io.decode_jpeg``, nvJPEG) gives exactly
+    the pixels :func:`decode_image` gives for these bytes.
+
+    True only for what :func:`decode_image` sends down libjpeg-turbo's direct path at full
+    scale: a complete (end-of-image marker present) baseline or extended-sequential JPEG,
+    RGB or greyscale, without an EXIF rotation, of an accepted size, that the CPU path would
+    not decode at a DCT-reduced scale for ``draft_size``. Everything else (progressive,
+    CMYK, rotated, truncated, PNG with alpha, 16-bit, TIFF, GIF...) must go through
+    :func:`decode_image`, which converts it or refuses it naming the file.
+    """
+    if _jpeg_frame_marker(data) not in (0xC0, 0xC1):
+        return False
+    if b"\xff\xd9" not in data[-_JPEG_TAIL:]:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # header only
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return False
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
+                return False
+            if "exif" in img.info and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                return False
+    except Exception:  # untrusted bytes: anything PIL cannot read goes the CPU way
+        return False
+    return not draft_size or _draft_reduction(w, h, draft_size) == 1
 
 
 class ToNormalizedFloat(torch.nn.Module):
