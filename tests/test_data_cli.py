@@ -111,7 +111,9 @@ def test_train_stops_on_broken_images_or_skips_and_lists_them(
     with pytest.raises(DataError) as e:
         train(_train_cfg(voc, tmp_path / "runs"))
     msg = str(e.value)
-    assert msg.startswith("1 broken image(s) found by the fast image check") and str(gone) in msg
+    # the fast check reads headers and end markers: the missing and the truncated file
+    assert msg.startswith("2 broken image(s) found by the fast image check") and str(gone) in msg
+    assert f"{truncated}: truncated JPEG" in msg
     assert not (tmp_path / "runs" / "r").exists()  # stopped before anything was written
     with pytest.raises(DataError, match="2 broken image"):  # the full check also finds truncation
         train(_train_cfg(voc, tmp_path / "runs", **{"data.image_check": "full"}))
