@@ -252,11 +252,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         origin = str(p)
         try:
             text = read_regular_text(p, "config file", 64 << 20, error=ConfigError)
-            layers.append(OmegaConf.load(io.StringIO(text)))
+            layer = OmegaConf.load(io.StringIO(text))
         except ConfigError:
             raise
         except Exception as e:  # yaml.YAMLError and friends
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(
+                f"{p}: a config is a mapping of sections (data:, model:, train:, ...), "
+                f"not a {type(layer).__name__}"
+            )
+        layers.append(layer)
     try:
         cfg = OmegaConf.merge(base, *layers)
     except OmegaConfBaseException as e:
@@ -268,6 +274,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from e
+    if cfg.data.image_check in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+        cfg.data.image_check = "off"
     _check(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 

@@ -465,6 +465,8 @@ def train(
     resume_state = None
     if resume is not None:
         rpath = Path(resume)
+        if not rpath.exists():
+            raise ConfigError(f"{rpath}: no such run folder or resume state to resume")
         if rpath.is_dir():
             run_dir = rpath
             rpath = rpath / "last.resume.pt"
