@@ -250,6 +250,10 @@ def test_image_failing_mid_epoch_is_skipped_and_counted(
         ({"num_classes": 10**9}, "num_classes must be"),
         ({"std": [0.0, 1.0, 1.0]}, "std must be"),
         ({"thresholds": [0.5]}, "thresholds must be 5 numbers"),
+        ({"model_kwargs": {"backbone": TINY_BACKBONE, "pretrained": "/x.pth"}}, "must be false"),
+        ({"model_kwargs": {"backbone": {"nested": 1}}}, "not a plain option value"),
+        # a model far larger than the file's tensors: refused from shapes, nothing allocated
+        ({"model_kwargs": {"backbone": "resnet152"}}, "weights do not match the model"),
     ],
 )
 def test_hostile_checkpoint_metadata_is_refused(tmp_path: Path, change: dict, words: str) -> None:

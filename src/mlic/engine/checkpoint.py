@@ -132,6 +132,15 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _plain_kwarg(x: Any) -> bool:
+    """A model option value as mlic saves them: a short string, a bool, a bounded number or null."""
+    if x is None or isinstance(x, bool):
+        return True
+    if isinstance(x, str):
+        return len(x) <= 256
+    return _finite_number(x) and abs(x) <= 1_000_000
+
+
 def validate_metadata(meta: dict[str, Any], where: str) -> None:
     """Check every metadata value mlic uses, with bounds, before anything uses it.
 
@@ -155,12 +164,21 @@ def validate_metadata(meta: dict[str, Any], where: str) -> None:
     if len(names) != n:
         raise bad("label_names", f"has {len(names)} names but num_classes is {n}")
     if any(not x or len(x) > MAX_LABEL_CHARS for x in names):
-        raise bad("label_names", f"must be non-empty strings of at most {MAX_LABEL_CHARS} characters")
+        raise bad(
+            "label_names", f"must be non-empty strings of at most {MAX_LABEL_CHARS} characters"
+        )
     if len(set(names)) != len(names):
         dup = sorted({x for x in names if names.count(x) > 1})[:5]
         raise bad("label_names", f"has duplicates {dup}")
-    if not isinstance(meta.get("model_kwargs"), dict):
+    kwargs = meta.get("model_kwargs")
+    if not isinstance(kwargs, dict):
         raise bad("model_kwargs", "must be a JSON object")
+    for k, v in kwargs.items():
+        items = v if isinstance(v, list) else [v]
+        if len(items) > 64 or not all(_plain_kwarg(x) for x in items):
+            raise bad(f"model_kwargs.{k}", f"is not a plain option value ({v!r:.60})")
+    if kwargs.get("pretrained") not in (None, False):  # weights come from the file, nothing else
+        raise bad("model_kwargs.pretrained", "must be false (a checkpoint holds its weights)")
     size = meta.get("input_size", [3, 448, 448])
     if (
         not isinstance(size, list)
@@ -201,6 +219,23 @@ def load_checkpoint(
     meta = read_metadata(path)
     if not is_model(meta["model"]):
         raise CheckpointError(f"{path}: unknown model {meta['model']!r} in metadata")
+    # Build the model on the meta device first (no memory) and compare its tensor shapes
+    # with the file's header: metadata asking for a model larger than the file is refused
+    # before any real allocation.
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(
+                meta["model"], num_classes=int(meta["num_classes"]), **meta["model_kwargs"]
+            )
+    except Exception as e:  # noqa: BLE001 -- untrusted kwargs: any failure is the file's
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path}: cannot build model {meta['model']!r} from the metadata's model_kwargs ({first})"
+        ) from e
+    with safe_open(str(path), framework="pt") as f:
+        header = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    load_state_strict(skeleton, header, str(path), check_only=True)
+    del skeleton, header
     model = create_model(
         meta["model"], num_classes=int(meta["num_classes"]), **meta["model_kwargs"]
     )
@@ -210,8 +245,12 @@ def load_checkpoint(
     return model, meta
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mismatched keys."""
+def load_state_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], where: str, check_only: bool = False
+) -> None:
+    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mismatched keys.
+
+    ``check_only``: compare keys and shapes, load nothing (e.g. meta-device tensors)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -226,7 +265,8 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
         if shapes:
             parts.append(f"shape mismatch {shapes[:3]}")
         raise CheckpointError(f"{where}: weights do not match the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    if not check_only:
+        model.load_state_dict(state, strict=True)
 
 
 def update_metadata(path: str | Path, **updates: Any) -> dict[str, Any]:
