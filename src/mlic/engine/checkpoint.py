@@ -118,7 +118,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     for key in ("model", "num_classes", "label_names", "model_kwargs"):
         if key not in meta:
             raise CheckpointError(f"{path}: metadata has no {key!r}; not an mlic checkpoint")
-    validate_metadata(meta, str(path))
+    validate_metadata(
+        meta, str(path), label_count=False
+    )  # load_checkpoint checks it after the shapes
     return meta
 
 
@@ -141,13 +143,15 @@ def _plain_kwarg(x: Any) -> bool:
     return _finite_number(x) and abs(x) <= 1_000_000
 
 
-def validate_metadata(meta: dict[str, Any], where: str) -> None:
+def validate_metadata(meta: dict[str, Any], where: str, label_count: bool = True) -> None:
     """Check every metadata value mlic uses, with bounds, before anything uses it.
 
     Raises CheckpointError ``"<where>: metadata <key> ..."`` naming the key and the bound:
     a hostile or damaged file can not make mlic allocate without bound (``input_size``),
     mis-read labels (a string ``label_names`` split into characters, duplicate names
-    collapsing a score column) or divide by zero (``std``).
+    collapsing a score column) or divide by zero (``std``). ``label_count=False`` leaves
+    the names-vs-``num_classes`` check to :func:`load_checkpoint`, which first compares the
+    model's shapes with the file's tensors (the more telling message).
     """
 
     def bad(key: str, why: str) -> CheckpointError:
@@ -161,7 +165,7 @@ def validate_metadata(meta: dict[str, Any], where: str) -> None:
     names = meta.get("label_names")
     if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
         raise bad("label_names", f"must be a list of strings, got {type(names).__name__}")
-    if len(names) != n:
+    if label_count and len(names) != n:
         raise bad("label_names", f"has {len(names)} names but num_classes is {n}")
     if any(not x or len(x) > MAX_LABEL_CHARS for x in names):
         raise bad(
@@ -241,6 +245,11 @@ def load_checkpoint(
     )
     state = load_file(str(path), device="cpu")
     load_state_strict(model, state, str(path))
+    if len(meta["label_names"]) != meta["num_classes"]:
+        raise CheckpointError(
+            f"{path}: metadata label_names has {len(meta['label_names'])} names but the model "
+            f"has {meta['num_classes']} outputs; refusing this checkpoint"
+        )
     model.to(device).eval()
     return model, meta
 
