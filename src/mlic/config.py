@@ -62,7 +62,7 @@ class DataConfig:
     size), ``full`` (decode every image, at reduced scale; what ``mlic data check`` does) or
     ``off``. Broken images stop the run with the list of all of them, unless
     ``skip_bad_images`` is true: then they are left out, logged and listed in the run's
-    ``bad_images.txt``.
+    ``bad_images.txt`` -- as is an image that fails to load mid-run (skipped and counted).
     """
 
     format: str = "demo"
@@ -82,8 +82,10 @@ class DataConfig:
     classes: str | None = None  # vg500 / openimages: class-name file (see above)
     image_check: str = "fast"  # fast | full | off (see above)
     skip_bad_images: bool = False
-    # Decode JPEGs on the training device (torchvision.io.decode_jpeg, nvJPEG on CUDA) a batch
-    # at a time; then resize, flip and normalise there. RandAugment and erasing do not apply.
+    # Decode plain baseline JPEGs on the training device (torchvision.io.decode_jpeg, nvJPEG
+    # on CUDA) a batch at a time; every other file (and a JPEG the CPU path would decode at a
+    # DCT-reduced scale) is decoded by the CPU decoder in the workers, so pixels are the same.
+    # Then resize, flip and normalise on the device. RandAugment and erasing do not apply.
     gpu_decode: bool = False
     max_train_images: int | None = None
     max_val_images: int | None = None
