@@ -324,9 +324,10 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     ONNX: the model's ``metadata_props``. TorchScript / ``.pt2``: the ``extra/mlic.json``
     entry, read straight from the zip archive, so nothing in the file is unpickled or run.
     """
+    from mlic.files import require_regular_file
+
     path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path}: exported model not found")
+    require_regular_file(path, "exported model", error=ExportError)  # never a FIFO
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             entries = [n for n in archive.namelist() if n.endswith("/extra/mlic.json")]

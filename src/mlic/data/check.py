@@ -2,10 +2,12 @@
 
 Two levels of image check, because their costs differ by orders of magnitude:
 
-- **fast** (header only): the file exists, is an image PIL identifies, and is not larger
-  than :data:`~mlic.data.transforms.MAX_IMAGE_PIXELS` (decompression-bomb guard). ``Image.open``
-  reads a few hundred bytes, so 120k COCO images take seconds. It misses truncated or
-  corrupt pixel data.
+- **fast** (header + end marker): the file exists, is a regular file (not a FIFO or
+  device), is an image PIL identifies, is not larger than
+  :data:`~mlic.data.transforms.MAX_IMAGE_PIXELS` (decompression-bomb guard), and a JPEG/PNG
+  ends with its end marker (so a file cut short is found). ``Image.open`` reads a few
+  hundred bytes and the tail one seek, so 120k COCO images take seconds. It misses corrupt
+  pixel data in the middle of a complete file.
 - **full** (decode): every image is decoded exactly as training decodes it
   (:func:`~mlic.data.transforms.load_image`: EXIF orientation, colour conversion), JPEGs at
   1/8 scale through libjpeg's DCT-domain downscaling -- which still reads every byte of the
@@ -23,7 +25,8 @@ the GIL while decoding, so threads scale with cores without pickling images betw
 Broken images stop training with the list of every one of them, or, with
 ``data.skip_bad_images=true``, are removed from the :class:`~mlic.data.Annotations` before
 the label statistics are computed, logged, and listed in ``bad_images.txt`` in the run
-folder. Annotation warnings (e.g. images with no labels) are logged summarised: the count
+folder; an image that still fails in a data-loader worker later is skipped and counted
+there too (:class:`~mlic.data.dataset.SkippedImage`). Annotation warnings (e.g. images with no labels) are logged summarised: the count
 and the first ten.
 """
 

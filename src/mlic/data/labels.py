@@ -193,8 +193,9 @@ def load_word_vectors(source: str | Path, names: list[str]) -> np.ndarray:
     path = Path(source)
     if path.suffix != ".npy":
         raise DataError(f"{path}: word vectors must be a .npy file (no pickle)")
-    if not path.exists():
-        raise DataError(f"{path}: word-vector file not found")
+    from mlic.files import MAX_ANNOTATION_BYTES, require_regular_file
+
+    require_regular_file(path, "word-vector file", MAX_ANNOTATION_BYTES)  # never a FIFO
     try:
         vecs = np.load(path, allow_pickle=False)
     except ValueError as e:

@@ -9,9 +9,12 @@ DCT scaling, 1.2x faster than through a PIL image, and everything else through
 :func:`load_image`. Augmentation runs on uint8 tensors; conversion to float and
 normalisation come last.
 
-Every failure to read an image -- missing, empty, not an image, truncated, larger than
-:data:`MAX_IMAGE_PIXELS` -- is a :class:`~mlic.errors.DataError` whose message starts with
-the file's path, so a bad file is never anonymous (also inside data-loader workers).
+Every failure to read an image -- missing, empty, not a regular file (a FIFO is never
+opened), not an image, truncated, larger than :data:`MAX_IMAGE_PIXELS` or
+:data:`~mlic.files.MAX_IMAGE_BYTES` -- is a :class:`~mlic.errors.DataError` whose message
+starts with the file's path, so a bad file is never anonymous (also inside data-loader
+workers). :func:`device_decodable_jpeg` says which files a device JPEG decoder may take
+for ``data.gpu_decode`` with the same pixels as :func:`decode_image`.
 """
 
 from __future__ import annotations

@@ -338,7 +338,14 @@ def _check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
         return
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run.name")
-    if overwrite or not any(run_dir.iterdir()):
+    if not any(run_dir.iterdir()):
+        return
+    if overwrite:
+        if not (run_dir / "config.yaml").exists():  # never empty a folder that is not a run
+            raise ConfigError(
+                f"{run_dir}: holds files but no config.yaml (not an mlic run); run.overwrite=true "
+                "replaces runs only -- choose another run.name or run.output_dir"
+            )
         return
     raise ConfigError(
         f"{run_dir}: a run of this name already exists; continue it with "
