@@ -67,9 +67,7 @@ def load_csv(
             raise DataError(f"{path}:{line}: empty image path")
         key = os.path.normpath(image)  # img/a.jpg and ./img/a.jpg are one file
         if key in seen:
-            raise DataError(
-                f"{path}:{line}: duplicate image {image!r} (first on line {seen[key]})"
-            )
+            raise DataError(f"{path}:{line}: duplicate image {image!r} (first on line {seen[key]})")
         seen[key] = line
         names = [n.strip() for n in labels.split(";") if n.strip()]
         rows.append((image, names))

@@ -347,7 +347,11 @@ def _check_unique_images(ann: Annotations) -> None:
         key = os.path.normpath(str(p))
         if key in seen:
             j = seen[key]
-            same = "the same labels" if (ann.targets[i] == ann.targets[j]).all() else "different labels"
+            same = (
+                "the same labels"
+                if (ann.targets[i] == ann.targets[j]).all()
+                else "different labels"
+            )
             raise DataError(
                 f"{ann.source}: image {ann.images[i]} is listed twice (entries {j + 1} and "
                 f"{i + 1}, {same}); keep one entry per file"

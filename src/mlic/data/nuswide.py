@@ -76,7 +76,11 @@ def load_nuswide(
     concepts_path = root / concepts_file
     if not concepts_path.exists():
         raise DataError(f"{concepts_path}: NUS-WIDE concept list not found")
-    names = [ln.strip() for ln in read_regular_text(concepts_path, "annotation file").splitlines() if ln.strip()]
+    names = [
+        ln.strip()
+        for ln in read_regular_text(concepts_path, "annotation file").splitlines()
+        if ln.strip()
+    ]
     if not names:
         raise DataError(f"{concepts_path}: no concept names")
     list_path = root / list_rel

@@ -58,7 +58,11 @@ def read_categories(path: Path, num_classes: int) -> list[str]:
         else:
             raise DataError(f"{path}: expected a JSON list of names or {{name: index}}")
     else:
-        names = [ln.strip() for ln in read_regular_text(path, "annotation file").splitlines() if ln.strip()]
+        names = [
+            ln.strip()
+            for ln in read_regular_text(path, "annotation file").splitlines()
+            if ln.strip()
+        ]
     if len(names) != num_classes:
         raise DataError(f"{path}: {len(names)} category names, expected {num_classes}")
     return names

@@ -58,7 +58,9 @@ def parse_voc_xml(path: Path) -> tuple[str | None, list[tuple[str, bool, int]]]:
 def _read_class_list(root: Path) -> list[str] | None:
     labels = root / "labels.txt"
     if labels.exists():
-        names = [n.strip() for n in read_regular_text(labels, "class list").splitlines() if n.strip()]
+        names = [
+            n.strip() for n in read_regular_text(labels, "class list").splitlines() if n.strip()
+        ]
         return names or None
     return None
 
@@ -84,7 +86,11 @@ def load_voc(root: str | Path, split: str, class_names: list[str] | None = None)
         raise DataError(f"{set_file}: split {split!r} not found; available: {avail}")
     names = class_names or _read_class_list(root) or list(VOC_CLASSES)
     index = {n: i for i, n in enumerate(names)}
-    ids = [ln.split()[0] for ln in read_regular_text(set_file, "image-set file").splitlines() if ln.strip()]
+    ids = [
+        ln.split()[0]
+        for ln in read_regular_text(set_file, "image-set file").splitlines()
+        if ln.strip()
+    ]
     seen: dict[str, int] = {}
     for line_no, image_id in enumerate(ids, 1):
         if image_id in seen:

@@ -452,7 +452,8 @@ def _check_resume_matches(run_dir: Path, saved: dict[str, Any] | None, now: dict
             )
     if diffs:
         raise CheckpointError(
-            f"{run_dir}: cannot resume, the run's inputs changed: " + "; ".join(diffs)
+            f"{run_dir}: cannot resume, the run's inputs changed: "
+            + "; ".join(diffs)
             + ". Restore the data the run started with, or start a new run (another run.name)"
         )
 
