@@ -93,12 +93,22 @@ def no_hang(fn, *args: Any, seconds: float = 60) -> Any:
 
 # ----------------------------------------------------------------------------- run folders
 def test_existing_run_name_is_refused_and_the_old_run_untouched(
-    tiny_voc: Path, tmp_path: Path
+    tiny_voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "runs"
+    renamed: list[str] = []
+    replace = os.replace
+
+    def recording_replace(src: Any, dst: Any) -> None:
+        renamed.append(str(Path(dst).relative_to(out / "r")))
+        replace(src, dst)
+
+    monkeypatch.setattr("mlic.files.os.replace", recording_replace)
     train(run_cfg(tiny_voc, out, "r"))
+    monkeypatch.undo()
     before = snapshot(out / "r")
     assert "best.safetensors" in before and "config.yaml" in before
+    assert sorted(before) == sorted(set(renamed))  # every file of the run: temporary + rename
     with pytest.raises(ConfigError) as e:
         train(run_cfg(tiny_voc, out, "r", **{"train.epochs": "2"}))
     msg = str(e.value)
@@ -342,6 +352,29 @@ def test_full_disk_while_saving_checkpoints_is_one_line(
     monkeypatch.undo()
     assert torch.equal(load_resume(tmp_path / "last.resume.pt")["x"], torch.ones(2))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [(errno.ENOSPC, "disk full"), (errno.EACCES, "permission denied"), (errno.EROFS, "read-only")],
+)
+def test_write_failures_name_the_file_and_the_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, cause: str
+) -> None:
+    from mlic.files import write_text
+
+    target = write_text(tmp_path / "report.md", "previous")
+
+    def fails(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("mlic.files.os.fsync", fails)
+    with pytest.raises(WriteError) as e:
+        write_text(target, "new")
+    assert str(e.value).startswith(f"{target}: cannot write ({cause}")
+    assert target.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == [
+        "report.md"
+    ]
 
 
 # ----------------------------------------------------------------------------- annotations
