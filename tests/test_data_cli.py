@@ -57,9 +57,9 @@ def test_data_check_lists_every_broken_image(
     out = capsys.readouterr().out
     assert f"  {truncated}: cannot decode image" in out and f"  {gone}: image file not found" in out
     assert "2 broken image(s) among 12 (full decode check" in out
-    assert main(["data", "check", str(cfg), "-q", "--fast"]) == 1  # headers: only the gone one
+    assert main(["data", "check", str(cfg), "-q", "--fast"]) == 1  # headers + end markers
     out = capsys.readouterr().out
-    assert str(gone) in out and str(truncated) not in out and "header-only" in out
+    assert str(gone) in out and f"{truncated}: truncated JPEG" in out and "header-only" in out
 
 
 def test_data_check_annotation_error_names_the_file(
@@ -111,7 +111,9 @@ def test_train_stops_on_broken_images_or_skips_and_lists_them(
     with pytest.raises(DataError) as e:
         train(_train_cfg(voc, tmp_path / "runs"))
     msg = str(e.value)
-    assert msg.startswith("1 broken image(s) found by the fast image check") and str(gone) in msg
+    # the fast check reads headers and end markers: the missing and the truncated file
+    assert msg.startswith("2 broken image(s) found by the fast image check") and str(gone) in msg
+    assert f"{truncated}: truncated JPEG" in msg
     assert not (tmp_path / "runs" / "r").exists()  # stopped before anything was written
     with pytest.raises(DataError, match="2 broken image"):  # the full check also finds truncation
         train(_train_cfg(voc, tmp_path / "runs", **{"data.image_check": "full"}))

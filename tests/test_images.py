@@ -172,9 +172,9 @@ def test_full_check_lists_every_broken_file_and_fast_check_only_headers(tmp_path
     assert [p.split(":")[0] for p in problems] == [str(f[k]) for k in order[1:]]
     assert check_images(ann, workers=1) == problems  # threads do not change the result
     fast = check_images(ann, full=False)
-    # a truncated JPEG has a valid header: only decoding finds it
+    # a truncated JPEG has a valid header, but no end-of-image marker: the fast check finds it
     assert [p.split(":")[0] for p in fast] == [
-        str(f[k]) for k in ("empty", "text", "vanished", "bomb")
+        str(f[k]) for k in ("truncated", "empty", "text", "vanished", "bomb")
     ]
     assert find_broken_images([f["good"]] * 200, workers=2) == []
 
@@ -225,7 +225,7 @@ def test_screen_skips_counts_and_lists_bad_images(
     splits = {"train": train, "val": annotations_of([f["good"], f["good"]])}
     with caplog.at_level(logging.INFO, logger="mlic"):
         fast = screen_splits(splits, _cfg("fast", skip=True), tmp_path / "run")
-    assert len(fast["train"]) == 2  # header check: the truncated file passes
+    assert len(fast["train"]) == 1  # header + end-marker check: the truncated file is found
     with caplog.at_level(logging.INFO, logger="mlic"):
         out = screen_splits(splits, _cfg("full", skip=True), tmp_path / "run")
     assert out["train"].images == [f["good"]] and len(out["val"]) == 2

@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlic.data.labels import LabelSet
+from mlic.errors import DataError
 
 __all__ = [
     "count_params",
@@ -161,7 +162,7 @@ def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 2
 
     files = sorted(Path(folder).rglob("*.jpg"))
     if not files:
-        raise ValueError(f"{folder}: no .jpg files")
+        raise DataError(f"{folder}: no .jpg files (bench --data needs a folder of JPEGs)")
     files = list(islice(cycle(files), limit))  # the first `limit` files, cycled if fewer
     ann = Annotations(names=["x"], images=files, targets=np.zeros((len(files), 1), dtype=np.int8))
     # what `mlic train`'s workers ship: uint8, normalised later on the training device

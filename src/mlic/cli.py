@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any, NoReturn
 
-from mlic.errors import ConfigError, MlicError
+from mlic.errors import ConfigError, DataError, MlicError
 
 __all__ = ["main", "resolve_config_path"]
 
@@ -148,8 +151,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor.from_checkpoint(ckpt, device=args.device)
     heat = Path(args.heatmaps) if args.heatmaps else None
+    if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):  # before any work
+        raise ConfigError(f"--output {args.output}: must end in .csv or .jsonl")
     summary = run_predict(predictor, args.inputs, batch_size=args.batch_size, threshold=args.threshold,
                           top_k=args.top_k, heatmaps=heat, progress=not args.quiet)  # fmt: skip
+    if not summary.predictions and summary.failed:  # nothing to write: keep any old output
+        kept = f"; {args.output} left unchanged" if args.output else ""
+        raise DataError(
+            f"no input could be predicted ({len(summary.failed)} failed, the first: "
+            f"{summary.failed[0]}){kept}"
+        )
     if args.output:
         write_predictions(summary.predictions, predictor.names, Path(args.output))
         print(f"{len(summary.predictions)} predictions written to {args.output}")
@@ -169,6 +180,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mlic.evaluate import resolve_target
     from mlic.export import export_checkpoint
 
+    if args.int8 and args.format != "onnx":  # before the export, not after it
+        raise ConfigError("--int8 applies to --format onnx")
     ckpt, _ = resolve_target(args.checkpoint)
     output = Path(args.output) if args.output else None  # default: beside the checkpoint
     result = export_checkpoint(ckpt, output, format=args.format, image_size=args.image_size)
@@ -247,7 +260,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         gf = f"{s['gflops']:8.2f}" if s["gflops"] is not None else "       -"
         print(f"{name:<12} {s['params_m']:11.2f} {gf}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from mlic.files import write_text
+
+        write_text(args.json, json.dumps(rows, indent=1))
     return 0
 
 
@@ -270,10 +285,44 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with mlic's one-line error form: ``mlic: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        command = self.prog.removeprefix("mlic").strip()
+        hint = f" (see `mlic {command} --help`)" if command else " (see `mlic --help`)"
+        print(f"mlic: error: {message}{hint}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None) -> Callable:
+    """An argparse ``type`` that parses ``kind`` and checks ``low <= value <= high``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind.__name__}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bounds}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
+PROBABILITY = _bounded(float, 0.0, 1.0)
+IMAGE_SIZE = _bounded(int, 16, 4096)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mlic import __version__
 
-    p = argparse.ArgumentParser(prog="mlic", description="Multi-label image classification.")
+    p = _Parser(prog="mlic", description="Multi-label image classification.")
     p.add_argument("--version", action="version", version=f"mlic {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -312,17 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help=".safetensors checkpoint or run folder")
     s.add_argument("inputs", nargs="+", help="image files, folders (recursive) or globs")
     s.add_argument(
-        "--threshold", type=float, help="one threshold for all labels (default: tuned, else 0.5)"
+        "--threshold",
+        type=PROBABILITY,
+        help="one threshold for all labels (default: tuned, else 0.5)",
     )
-    s.add_argument("--top-k", type=int, help="at most this many labels per image")
+    s.add_argument("--top-k", type=POSITIVE_INT, help="at most this many labels per image")
     s.add_argument("--output", help="write results to a .csv or .jsonl file instead of a table")
     s.add_argument(
         "--heatmaps", metavar="DIR", help="write attention overlays per predicted label + a grid"
     )
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
-    s.add_argument("--threads", type=int, help="intra-op threads for onnxruntime")
+    s.add_argument("--threads", type=POSITIVE_INT, help="intra-op threads for onnxruntime")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_predict)
 
@@ -332,14 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help=".safetensors checkpoint or run folder")
     s.add_argument("--format", choices=["onnx", "torchscript", "exported-program"], default="onnx")
     s.add_argument("--output", help="output file (default: beside the checkpoint)")
-    s.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
+    s.add_argument("--image-size", type=IMAGE_SIZE, help="input size (default: the checkpoint's)")
     s.add_argument(
         "--int8", action="store_true", help="also write a statically quantized int8 ONNX graph"
     )
     s.add_argument(
         "--calibration", help="images (folder/glob) to calibrate int8 on (default: run's val split)"
     )
-    s.add_argument("--calibration-images", type=int, default=32)
+    s.add_argument("--calibration-images", type=POSITIVE_INT, default=32)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("data", help="check a data config's images and annotations, or describe it")
@@ -350,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="YAML path or shipped recipe name (its data.* section is used)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=...")
     s.add_argument("--fast", action="store_true", help="read image headers only (no decode)")
-    s.add_argument("--workers", type=int, help="checking threads (default: CPU count)")
+    s.add_argument("--workers", type=POSITIVE_INT, help="checking threads (default: CPU count)")
     s.add_argument("--output", help="stats: output folder (default: <run.output_dir>/data-stats)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_data)
@@ -360,21 +411,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", default="resnet101")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--image-size", type=int, default=448)
-    s.add_argument("--num-classes", type=int, default=80)
-    s.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
+    s.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    s.add_argument("--image-size", type=IMAGE_SIZE, default=448)
+    s.add_argument("--num-classes", type=POSITIVE_INT, default=80)
+    s.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps after one warm-up")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--data", help="folder of JPEGs: also time the data pipeline")
-    s.add_argument("--workers", type=int, default=2, help="data-loader workers for --data")
+    s.add_argument(
+        "--workers", type=_bounded(int, 0), default=2, help="data-loader workers for --data"
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     s.add_argument("filter", nargs="?", help="only names containing this")
     s.add_argument("--backbone", default="resnet101")
-    s.add_argument("--image-size", type=int, default=448)
-    s.add_argument("--num-classes", type=int, default=80)
+    s.add_argument("--image-size", type=IMAGE_SIZE, default=448)
+    s.add_argument("--num-classes", type=POSITIVE_INT, default=80)
     s.add_argument("--no-flops", action="store_true", help="skip the FLOP count (fast)")
     s.add_argument("--json", help="also write the table as JSON here")
     s.set_defaults(func=cmd_models)
@@ -395,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlic: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused something not wrapped above: one line too
+        if args.verbose:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"mlic: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ An unknown key, a value of the wrong type or a value outside a key's allowed cho
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlic.errors import ConfigError
+from mlic.files import read_regular_text
 
 __all__ = [
     "Config",
@@ -60,7 +62,7 @@ class DataConfig:
     size), ``full`` (decode every image, at reduced scale; what ``mlic data check`` does) or
     ``off``. Broken images stop the run with the list of all of them, unless
     ``skip_bad_images`` is true: then they are left out, logged and listed in the run's
-    ``bad_images.txt``.
+    ``bad_images.txt`` -- as is an image that fails to load mid-run (skipped and counted).
 
     ``crop`` is the training crop: ``none`` resizes the whole image to S x S (no labelled
     object is cut away); ``multiscale`` is ML-GCN's MultiScaleCrop (from TSN): a crop whose
@@ -93,8 +95,10 @@ class DataConfig:
     classes: str | None = None  # vg500 / openimages: class-name file (see above)
     image_check: str = "fast"  # fast | full | off (see above)
     skip_bad_images: bool = False
-    # Decode JPEGs on the training device (torchvision.io.decode_jpeg, nvJPEG on CUDA) a batch
-    # at a time; then resize, flip and normalise there. RandAugment and erasing do not apply.
+    # Decode plain baseline JPEGs on the training device (torchvision.io.decode_jpeg, nvJPEG
+    # on CUDA) a batch at a time; every other file (and a JPEG the CPU path would decode at a
+    # DCT-reduced scale) is decoded by the CPU decoder in the workers, so pixels are the same.
+    # Then resize, flip and normalise on the device. RandAugment and erasing do not apply.
     gpu_decode: bool = False
     max_train_images: int | None = None
     max_val_images: int | None = None
@@ -173,6 +177,9 @@ class TrainConfig:
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
+    # An existing run folder is never overwritten unless this is true (then it is replaced,
+    # after the new run has validated its config and data).
+    overwrite: bool = False
     tensorboard: bool = True
     progress: bool = True
 
@@ -207,6 +214,16 @@ POSITIVE: tuple[str, ...] = (
 )
 
 
+#: Optional counts that, when set, must be at least 1 (0 or -1 would mean "no data").
+AT_LEAST_ONE: tuple[str, ...] = (
+    "data.max_train_images",
+    "data.max_val_images",
+    "data.eval_batch_size",
+    "train.max_steps_per_epoch",
+    "train.threads",
+)
+
+
 def _check(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -218,6 +235,19 @@ def _check(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be > 0")
     if not 0.0 <= cfg.data.random_erasing <= 1.0:
         raise ConfigError(f"data.random_erasing={cfg.data.random_erasing} must be in [0, 1]")
+    for key in AT_LEAST_ONE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value!r} must be >= 1 (or unset)")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"data.workers={cfg.data.workers} must be >= 0")
+    if cfg.data.image_size is not None and not 16 <= cfg.data.image_size <= 4096:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} must be in [16, 4096] (or unset)")
+    name = cfg.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(
+            f"run.name={name!r} must be a plain folder name (no '/', not '.' or '..')"
+        )
     if not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in (0, 1)")
     if not cfg.train.ema_warmup_power > 0:
@@ -259,9 +289,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: config file not found")
         origin = str(p)
         try:
-            layers.append(OmegaConf.load(p))
+            text = read_regular_text(p, "config file", 64 << 20, error=ConfigError)
+            layer = OmegaConf.load(io.StringIO(text))
+        except ConfigError:
+            raise
         except Exception as e:  # yaml.YAMLError and friends
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(
+                f"{p}: a config is a mapping of sections (data:, model:, train:, ...), "
+                f"not a {type(layer).__name__}"
+            )
+        layers.append(layer)
     try:
         cfg = OmegaConf.merge(base, *layers)
     except OmegaConfBaseException as e:
@@ -273,6 +312,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from e
+    if cfg.data.image_check in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+        cfg.data.image_check = "off"
     _check(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
@@ -283,4 +324,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what `mlic train` saves beside every run)."""
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    from mlic.files import write_text
+
+    write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -17,3 +17,7 @@ class DataError(MlicError):
 
 class CheckpointError(MlicError):
     """A checkpoint or resume file is missing, untrusted, or does not match its model."""
+
+
+class WriteError(MlicError):
+    """A file mlic writes could not be written (disk full, permission); the previous one is kept."""

@@ -14,6 +14,7 @@ from mlic.data.transforms import build_transform
 from mlic.engine.checkpoint import load_checkpoint, update_metadata
 from mlic.engine.trainer import evaluate, resolve_device, uint8_batch_to_device
 from mlic.errors import ConfigError
+from mlic.files import save_npy, savefig, write_text
 from mlic.metrics import best_f1_thresholds, multilabel_metrics
 
 __all__ = ["evaluate_checkpoint", "resolve_target"]
@@ -91,8 +92,8 @@ def evaluate_checkpoint(
             n: (None if np.isnan(a) else float(a)) for n, a in zip(names, per_class, strict=True)
         },
     }
-    (out / "metrics.json").write_text(json.dumps(payload, indent=1))
-    np.save(out / "scores.npy", scores.astype(np.float32))
+    write_text(out / "metrics.json", json.dumps(payload, indent=1))
+    save_npy(out / "scores.npy", scores.astype(np.float32))
     from mlic.viz import write_report
 
     sections = report_sections(out, names, scores, targets, ann.images, thresholds)
@@ -124,7 +125,7 @@ def _thumbnail_strip(items: list[tuple[Path, str]], path: Path, size: int = 160)
             ax.text(0.5, 0.5, "unreadable", ha="center")
         ax.set_title(caption, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    savefig(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from mlic.errors import MlicError
+from mlic.files import atomic_write
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -324,9 +325,10 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     ONNX: the model's ``metadata_props``. TorchScript / ``.pt2``: the ``extra/mlic.json``
     entry, read straight from the zip archive, so nothing in the file is unpickled or run.
     """
+    from mlic.files import require_regular_file
+
     path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path}: exported model not found")
+    require_regular_file(path, "exported model", error=ExportError)  # never a FIFO
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             entries = [n for n in archive.namelist() if n.endswith("/extra/mlic.json")]
@@ -395,33 +397,43 @@ def export_model(
     example = _example_images(EXAMPLE_BATCH, image_size)
     metadata = _metadata(model, meta or {}, image_size)
 
-    try:
-        if format == "onnx":
-            notes = _export_onnx(wrapped, example, output, opset, metadata)
-        elif format == "torchscript":
-            notes = _export_torchscript(wrapped, example, output, metadata)
-        else:
-            notes = _export_program(wrapped, example, output, metadata)
-    except Exception as e:  # noqa: BLE001 -- exporters raise many types; the user needs one
-        hint = f" (known: {NOT_EXPORTABLE[name]})" if name in NOT_EXPORTABLE else ""
-        raise ExportError(f"{name}: {format} export failed: {_describe(e)}{hint}") from e
+    result = ExportResult(path=output, format=format, notes=[])
+    diffs: list[float] = []
 
-    result = ExportResult(path=output, format=format, notes=notes)
+    def write(tmp: Path) -> None:
+        """Export to ``tmp`` and verify it there: only a verified file is renamed into place."""
+        try:
+            if format == "onnx":
+                result.notes += _export_onnx(wrapped, example, tmp, opset, metadata)
+            elif format == "torchscript":
+                result.notes += _export_torchscript(wrapped, example, tmp, metadata)
+            else:
+                result.notes += _export_program(wrapped, example, tmp, metadata)
+        except Exception as e:  # noqa: BLE001 -- exporters raise many types; the user needs one
+            hint = f" (known: {NOT_EXPORTABLE[name]})" if name in NOT_EXPORTABLE else ""
+            raise ExportError(f"{name}: {format} export failed: {_describe(e)}{hint}") from e
+        if not verify:
+            return
+        try:
+            diff = _verify(format, tmp, model, image_size, batch_sizes)
+            if not diff < atol:  # also catches NaN
+                raise ExportError(
+                    f"{name}: {format} export disagrees with eager PyTorch: max |probability "
+                    f"difference| {diff:.3g} >= {atol:g} at batch sizes {list(batch_sizes)}"
+                )
+        except ExportError as e:
+            # a refused export must not be picked up by mistake; verify=False keeps it for debugging
+            raise ExportError(
+                f"{e} (the refused export was removed, {output} not written; export with "
+                "verify=False to keep it)"
+            ) from e
+        diffs.append(diff)
+
+    atomic_write(output, write)  # temporary file + rename: never a half-written export
     if not verify:
         result.notes.append("not verified")
         return result
-
-    try:
-        diff = _verify(format, output, model, image_size, batch_sizes)
-        if not diff < atol:  # also catches NaN
-            raise ExportError(
-                f"{name}: {format} export disagrees with eager PyTorch: max |probability "
-                f"difference| {diff:.3g} >= {atol:g} at batch sizes {list(batch_sizes)}"
-            )
-    except ExportError as e:
-        # a refused export must not be picked up by mistake; verify=False keeps it for debugging
-        output.unlink(missing_ok=True)
-        raise ExportError(f"{e} ({output} removed; export with verify=False to keep it)") from e
+    diff = diffs[0]
     result.max_abs_diff = diff
     result.verified = True
     result.notes.append(f"verified at batch sizes {list(batch_sizes)}: max abs diff {diff:.3g}")
@@ -499,22 +511,23 @@ def quantize_onnx_int8(
             return None if nxt is None else {INPUT_NAME: nxt}
 
     prepared = output.with_suffix(".prep.onnx")
+    staged = output.with_suffix(".staged.onnx")  # renamed into place only once complete
     try:
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(output), _Reader(), quant_format=QuantFormat.QDQ,
+            str(prepared), str(staged), _Reader(), quant_format=QuantFormat.QDQ,
             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )  # fmt: skip
+        src = onnx.load(str(onnx_path), load_external_data=False)
+        q = onnx.load(str(staged))
     except Exception as e:  # the quantizer's errors are deep and long: name the model and cause
         raise ExportError(f"{onnx_path}: int8 quantization failed: {_describe(e)}") from e
     finally:
-        if prepared.exists():
-            prepared.unlink()
-    src = onnx.load(str(onnx_path), load_external_data=False)
-    q = onnx.load(str(output))
+        prepared.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
     del q.metadata_props[:]
     for prop in src.metadata_props:
         q.metadata_props.add(key=prop.key, value=prop.value)
     q.metadata_props.add(key="quantization", value='"int8 static QDQ, per-channel weights"')
-    onnx.save(q, str(output))
+    atomic_write(output, lambda tmp: onnx.save(q, str(tmp)))
     return output

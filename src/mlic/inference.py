@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from mlic.data.transforms import build_transform, load_image, to_rgb
-from mlic.engine.checkpoint import load_checkpoint
+from mlic.engine.checkpoint import load_checkpoint, validate_metadata
 from mlic.errors import DataError
 
 __all__ = ["Prediction", "Predictor", "OnnxPredictor", "ImageInput"]
@@ -54,6 +54,7 @@ class Predictor:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        validate_metadata(metadata, "checkpoint")  # bounds on every value used below
         self.meta = metadata
         self.names: list[str] = list(metadata["label_names"])
         self.image_size = int(metadata["input_size"][-1])
@@ -196,6 +197,8 @@ class OnnxPredictor(Predictor):
         self.session = session
         self.device = torch.device("cpu")
         self.model = None  # type: ignore[assignment]
+        check = {"model": metadata.get("mlic_model"), "model_kwargs": {}, **metadata}
+        validate_metadata(check, "exported model")  # bounds on every value used below
         self.meta = metadata
         self.names = list(metadata["label_names"])
         self.image_size = int(metadata["input_size"][-1])

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mlic.data.transforms import load_image
 from mlic.errors import DataError
+from mlic.files import atomic_write
 from mlic.inference import Prediction, Predictor
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "run_predict", "write_heatmaps", "PredictSummary"]
@@ -64,7 +65,7 @@ def write_heatmaps(pred: Prediction, out_dir: Path, stem: str) -> list[Path]:
     for name in pred.labels:
         ov = overlay_heatmap(pred.image, pred.attention[index[name]])
         path = out_dir / f"{stem}__{_safe_name(name)}.png"
-        ov.save(path)
+        atomic_write(path, lambda tmp, im=ov: im.save(tmp, format="PNG"))
         written.append(path)
         overlays.append(ov)
         titles.append(f"{name} ({pred.scores[name]:.2f})")
@@ -130,22 +131,29 @@ def run_predict(
 
 
 def write_predictions(preds: list[Prediction], names: list[str], output: Path) -> None:
-    """``.csv``: image, labels (;-joined), one probability column per class. ``.jsonl``: one object per image."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".jsonl":
-        with output.open("w") as f:
-            for p in preds:
-                f.write(
-                    json.dumps({"image": p.source, "labels": p.labels, "scores": p.scores}) + "\n"
-                )
-    elif output.suffix == ".csv":
-        with output.open("w", newline="") as f:
+    """``.csv``: image, labels (;-joined), one probability column per class. ``.jsonl``: one object per image.
+
+    Written to a temporary file and renamed: a full disk or a crash never leaves a
+    half-written file, and an existing file is replaced only by a complete one.
+    """
+    output = Path(output)
+    if output.suffix not in (".csv", ".jsonl"):
+        raise DataError(f"{output}: output must end in .csv or .jsonl")
+
+    def write(tmp: Path) -> None:
+        if output.suffix == ".jsonl":
+            with tmp.open("w") as f:
+                for p in preds:
+                    row = {"image": p.source, "labels": p.labels, "scores": p.scores}
+                    f.write(json.dumps(row) + "\n")
+            return
+        with tmp.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["image", "labels", *names])
             for p in preds:
                 w.writerow([p.source, ";".join(p.labels), *(f"{p.scores[n]:.6f}" for n in names)])
-    else:
-        raise DataError(f"{output}: output must end in .csv or .jsonl")
+
+    atomic_write(output, write)
 
 
 def format_table(preds: list[Prediction], max_scores: int = 3) -> str:

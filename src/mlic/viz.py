@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mlic.files import savefig, write_text  # noqa: E402
+
 __all__ = [
     "METRIC_KEYS",
     "metric_table",
@@ -68,7 +70,7 @@ def plot_per_class_ap(names: Sequence[str], ap: np.ndarray, path: Path) -> Path:
     ax.set_xlim(0, 100)
     ax.set_title(f"Per-class AP (mAP {100 * np.nanmean(ap):.2f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -103,7 +105,7 @@ def plot_pr_curves(
     ax.set_title("Precision-recall: best (solid) and worst (dashed) classes")
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -122,7 +124,7 @@ def plot_cooccurrence(names: Sequence[str], targets: np.ndarray, path: Path) -> 
     ax.set_title("Label co-occurrence P(column | row)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -192,7 +194,7 @@ def write_report(
     lines += ["## Precision-recall curves", "", "![PR curves](pr_curves.png)", ""]
     lines += list(sections)
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -228,6 +230,6 @@ def heatmap_grid(
         ax.imshow(panel)
         ax.set_title(name, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    savefig(fig, path, dpi=100)
     plt.close(fig)
     return path

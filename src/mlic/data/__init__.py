@@ -75,6 +75,8 @@ class Annotations:
 def read_json(path: Path) -> Any:
     """Parse a JSON file; a syntax error is a DataError naming the file and line."""
     try:
-        return json.loads(Path(path).read_text())
+        from mlic.files import read_regular_text
+
+        return json.loads(read_regular_text(path, "JSON file"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e

@@ -2,10 +2,12 @@
 
 Two levels of image check, because their costs differ by orders of magnitude:
 
-- **fast** (header only): the file exists, is an image PIL identifies, and is not larger
-  than :data:`~mlic.data.transforms.MAX_IMAGE_PIXELS` (decompression-bomb guard). ``Image.open``
-  reads a few hundred bytes, so 120k COCO images take seconds. It misses truncated or
-  corrupt pixel data.
+- **fast** (header + end marker): the file exists, is a regular file (not a FIFO or
+  device), is an image PIL identifies, is not larger than
+  :data:`~mlic.data.transforms.MAX_IMAGE_PIXELS` (decompression-bomb guard), and a JPEG/PNG
+  ends with its end marker (so a file cut short is found). ``Image.open`` reads a few
+  hundred bytes and the tail one seek, so 120k COCO images take seconds. It misses corrupt
+  pixel data in the middle of a complete file.
 - **full** (decode): every image is decoded exactly as training decodes it
   (:func:`~mlic.data.transforms.load_image`: EXIF orientation, colour conversion), JPEGs at
   1/8 scale through libjpeg's DCT-domain downscaling -- which still reads every byte of the
@@ -23,7 +25,8 @@ the GIL while decoding, so threads scale with cores without pickling images betw
 Broken images stop training with the list of every one of them, or, with
 ``data.skip_bad_images=true``, are removed from the :class:`~mlic.data.Annotations` before
 the label statistics are computed, logged, and listed in ``bad_images.txt`` in the run
-folder. Annotation warnings (e.g. images with no labels) are logged summarised: the count
+folder; an image that still fails in a data-loader worker later is skipped and counted
+there too (:class:`~mlic.data.dataset.SkippedImage`). Annotation warnings (e.g. images with no labels) are logged summarised: the count
 and the first ten.
 """
 
@@ -42,6 +45,7 @@ import numpy as np
 
 from mlic.data import Annotations
 from mlic.errors import ConfigError, DataError
+from mlic.files import savefig, write_text
 
 __all__ = [
     "CHECK_DRAFT_SIZE",
@@ -177,6 +181,7 @@ def screen_splits(
     data_cfg: Any,
     run_dir: Path | None = None,
     is_main: bool = True,
+    skipped: list[str] | None = None,
 ) -> dict[str, Annotations]:
     """What ``mlic train`` does with freshly read splits before anything else sees them.
 
@@ -184,6 +189,8 @@ def screen_splits(
     ``data_cfg.image_check`` and then either raises :class:`DataError` listing every broken
     image, or -- with ``data_cfg.skip_bad_images`` -- returns the splits without them, after
     logging each one and writing them to ``run_dir/bad_images.txt`` (main process only).
+    ``skipped``: a list the skipped images' lines are appended to, for a caller that writes
+    the run folder itself later (``mlic train`` touches no run folder before its data is valid).
     """
     mode = getattr(data_cfg, "image_check", "fast")
     if mode not in IMAGE_CHECKS:
@@ -214,6 +221,8 @@ def screen_splits(
             f"Fix or remove them, or set data.skip_bad_images=true to train without them{hint}:\n  "
             + "\n  ".join(lines)
         )
+    if skipped is not None:
+        skipped += lines
     out = {}
     for name, ann in splits.items():
         out[name] = drop_images(ann, [i for i, _ in broken[name]])
@@ -223,8 +232,7 @@ def screen_splits(
         where = ""
         if run_dir is not None:
             run_dir = Path(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "bad_images.txt").write_text("\n".join(lines) + "\n")
+            write_text(run_dir / "bad_images.txt", "\n".join(lines) + "\n")
             where = f"; listed in {run_dir / 'bad_images.txt'}"
         kept = ", ".join(f"{len(ann)} {name}" for name, ann in out.items())
         log.warning(
@@ -330,7 +338,7 @@ def plot_class_frequency(
     ax.set_title("Class frequency")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -423,7 +431,7 @@ def write_stats(
             lines.append(f"- ... and {len(ann.warnings) - 10} more warnings")
         lines.append("")
     path = out / "stats.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
     summary = [
         f"{name}: {s['images']} images, {len(names)} classes, {s['cardinality']:.2f} labels/image, "

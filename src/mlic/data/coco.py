@@ -42,6 +42,14 @@ def load_coco(annotation_json: str | Path, image_dir: str | Path) -> Annotations
         ((int(_require(c, "id", f"{path}: categories[{i}]")), str(_require(c, "name", f"{path}: categories[{i}]")))
          for i, c in enumerate(cats)),
     )  # fmt: skip
+    ids_seen: dict[int, str] = {}
+    for cid, name in cat_list:
+        if cid in ids_seen:  # one id, two classes: annotations could not tell them apart
+            raise DataError(
+                f"{path}: duplicate category id {cid} ({ids_seen[cid]!r} and {name!r}); "
+                "every category needs its own id"
+            )
+        ids_seen[cid] = name
     col_of = {cid: col for col, (cid, _) in enumerate(cat_list)}
     names = [n for _, n in cat_list]
     row_of: dict[int, int] = {}

@@ -9,6 +9,8 @@ with an empty label list is an image with no labels: kept, and named in
 from __future__ import annotations
 
 import csv as _csv
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
+from mlic.files import read_regular_text
 
 __all__ = ["load_csv"]
 
@@ -28,35 +31,50 @@ def load_csv(
     if not path.exists():
         raise DataError(f"{path}: CSV file not found")
     image_dir = Path(image_dir)
+    text = read_regular_text(path, "CSV file")
     rows: list[tuple[str, list[str]]] = []
-    with path.open(newline="") as f:
-        reader = _csv.reader(f)
+    reader = _csv.reader(io.StringIO(text, newline=""))
+    try:
         header = next(reader, None)
-        if header is None or [h.strip().lower() for h in header[:2]] != ["image", "labels"]:
-            raise DataError(f"{path}:1: expected header 'image,labels', got {header}")
-        seen: dict[str, int] = {}
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != 2:
-                raise DataError(
-                    f"{path}:{line}: expected 2 columns (image,labels), got {len(row)}: {row}"
-                )
-            image, labels = row[0].strip(), row[1].strip()
-            if not image:
-                raise DataError(f"{path}:{line}: empty image path")
-            if image in seen:
-                raise DataError(
-                    f"{path}:{line}: duplicate image {image!r} (first on line {seen[image]})"
-                )
-            seen[image] = line
-            names = [n.strip() for n in labels.split(";") if n.strip()]
-            rows.append((image, names))
-            if class_names is not None:
-                for n in names:
-                    if n not in class_names:
-                        raise DataError(f"{path}:{line}: unknown label {n!r}")
+    except _csv.Error as e:
+        raise DataError(f"{path}:1: malformed CSV ({e})") from None
+    if header is None or [h.strip().lower() for h in header[:2]] != ["image", "labels"]:
+        raise DataError(f"{path}:1: expected header 'image,labels', got {header}")
+    seen: dict[str, int] = {}  # normalised image path -> line
+    first_line = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader, None)
+        except _csv.Error as e:
+            raise DataError(f"{path}:{first_line}: malformed CSV ({e})") from None
+        if row is None:
+            break
+        line, first_line = first_line, reader.line_num + 1
+        if reader.line_num > line or any("\n" in c or "\r" in c for c in row):
+            # a quoted field ran over line ends: an unbalanced quote
+            raise DataError(
+                f"{path}:{line}: a quoted field runs on to line {reader.line_num} "
+                "(unbalanced quote?); quote fields that contain commas, close every quote"
+            )
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 2:
+            raise DataError(
+                f"{path}:{line}: expected 2 columns (image,labels), got {len(row)}: {row}"
+            )
+        image, labels = row[0].strip(), row[1].strip()
+        if not image:
+            raise DataError(f"{path}:{line}: empty image path")
+        key = os.path.normpath(image)  # img/a.jpg and ./img/a.jpg are one file
+        if key in seen:
+            raise DataError(f"{path}:{line}: duplicate image {image!r} (first on line {seen[key]})")
+        seen[key] = line
+        names = [n.strip() for n in labels.split(";") if n.strip()]
+        rows.append((image, names))
+        if class_names is not None:
+            for n in names:
+                if n not in class_names:
+                    raise DataError(f"{path}:{line}: unknown label {n!r}")
     names = (
         list(class_names) if class_names is not None else sorted({n for _, ns in rows for n in ns})
     )
@@ -68,5 +86,7 @@ def load_csv(
     ann = Annotations(
         names=names, images=[image_dir / img for img, _ in rows], targets=targets, source=str(path)
     )
-    ann.warnings = no_label_warnings([f"{img} (line {seen[img]})" for img, _ in rows], targets)
+    ann.warnings = no_label_warnings(
+        [f"{img} (line {seen[os.path.normpath(img)]})" for img, _ in rows], targets
+    )
     return ann

@@ -9,16 +9,19 @@ DDP run shards exactly the same sequence across ranks.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from mlic.data import Annotations
-from mlic.data.transforms import ToNormalizedFloat, decode_image
+from mlic.data.transforms import ToNormalizedFloat, decode_image, device_decodable_jpeg
 from mlic.errors import DataError
+from mlic.files import MAX_IMAGE_BYTES, read_regular_bytes
 
 __all__ = [
     "MultiLabelDataset",
@@ -30,6 +33,27 @@ __all__ = [
 ]
 
 
+class SkippedImage:
+    """What :class:`MultiLabelDataset` returns instead of an image that failed to load when
+    it skips bad images: the one-line message naming the file (collation drops the sample)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:  # crosses worker processes
+        return (SkippedImage, (self.message,))
+
+
+class EncodedBatch(list):
+    """A ``data.gpu_decode`` batch: per sample either the encoded JPEG (uint8 [L], decoded
+    on the device) or the image :func:`decode_image` decoded on the CPU (uint8 [3, H, W]);
+    ``paths`` name the files, so a device decoder failure still names its file."""
+
+    def __init__(self, items: Sequence[torch.Tensor] = (), paths: Sequence[str] = ()) -> None:
+        super().__init__(items)
+        self.paths = list(paths)
+
+
 class MultiLabelDataset(Dataset):
     """Annotations + transform -> ``(image [3, S, S] float, target [C] float of 1/0/-1)``."""
 
@@ -39,28 +63,46 @@ class MultiLabelDataset(Dataset):
         transform: Callable | None = None,
         draft_size: int | None = None,
         raw_bytes: bool = False,
+        skip_bad: bool = False,
     ) -> None:
-        """``raw_bytes``: return the encoded file as a uint8 tensor [L] instead of a decoded
-        image, for decoding a whole batch on the GPU (:func:`decode_batch`)."""
+        """``raw_bytes``: return what :func:`decode_batch` decodes a whole batch of on the
+        device: the encoded file as uint8 [L] when it is a plain JPEG a device decoder gives
+        the same pixels for (:func:`~mlic.data.transforms.device_decodable_jpeg`), else the
+        image decoded here by :func:`decode_image` as uint8 [3, H, W] (no transform).
+        ``skip_bad``: an image that fails to load (a :class:`DataError`) gives a
+        :class:`SkippedImage` instead of ending the epoch; the loader drops and counts it."""
         self.ann = annotations
         self.transform = transform
         self.draft_size = draft_size
         self.raw_bytes = raw_bytes
+        self.skip_bad = skip_bad
         self.targets = torch.from_numpy(annotations.targets.astype(np.float32))  # [N, C]
 
     def __len__(self) -> int:
         return len(self.ann)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(
+        self, key: int | tuple[int, int]
+    ) -> tuple[torch.Tensor | SkippedImage, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        try:
+            item: torch.Tensor | SkippedImage = self._load(index, seed)
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            item = SkippedImage(str(e))
+        if self.raw_bytes:  # + the path, so that the device decoder can name a failing file
+            return item, self.targets[index], str(self.ann.images[index])  # type: ignore[return-value]
+        return item, self.targets[index]
+
+    def _load(self, index: int, seed: int | None) -> torch.Tensor:
+        path = self.ann.images[index]
         if self.raw_bytes:
-            path = self.ann.images[index]
-            try:
-                data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)  # [L]
-            except OSError as e:
-                raise DataError(f"{path}: cannot read image ({e.strerror})") from e
-            return data, self.targets[index]
-        img = decode_image(self.ann.images[index], self.draft_size)  # [3, H, W] uint8
+            data = read_regular_bytes(path, "image file", MAX_IMAGE_BYTES)
+            if device_decodable_jpeg(data, self.draft_size):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # [L]
+            return decode_image(path, self.draft_size, data=data)  # [3, H, W] uint8
+        img = decode_image(path, self.draft_size)  # [3, H, W] uint8
         if self.transform is not None:
             if seed is None:
                 img = self.transform(img)
@@ -72,7 +114,7 @@ class MultiLabelDataset(Dataset):
                     # backend, 60x the cost (0.057 vs 0.001 ms per sample)
                     torch.default_generator.manual_seed(seed)
                     img = self.transform(img)
-        return img, self.targets[index]
+        return img
 
 
 class SeededSampler(Sampler):
@@ -151,7 +193,12 @@ class _NamedErrorLoader(DataLoader):
     -- not torch's multi-line wrapper with the traceback of the worker.
     """
 
+    #: messages of the images skipped (``skip_bad``) since the list was last cleared
+    skipped: list[str]
+
     def __iter__(self) -> Iterator:
+        if not hasattr(self, "skipped"):
+            self.skipped = []
         it = super().__iter__()
         while True:
             try:
@@ -162,14 +209,42 @@ class _NamedErrorLoader(DataLoader):
                 if not str(e).startswith("Caught DataError"):
                     raise  # raised in this process: already one line naming the file
                 raise DataError(_worker_message(str(e))) from e
+            if isinstance(batch, tuple) and len(batch) == 3:  # collate_skipping's (x, y, skipped)
+                images, targets, failed = batch
+                self.skipped += failed
+                batch = (images, targets)
             yield batch
 
 
-def collate_raw(
-    batch: list[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Batch of encoded files: ``(list of uint8 [L_i], targets [B, C])`` (lengths differ)."""
-    return [data for data, _ in batch], torch.stack([t for _, t in batch])
+def collate_raw(batch: list[tuple]) -> tuple[EncodedBatch, torch.Tensor]:
+    """Batch for device decoding: ``(EncodedBatch of uint8 [L_i] or [3, H_i, W_i], targets [B, C])``.
+
+    Samples are ``(data, target, path)`` (``path`` optional)."""
+    paths = [item[2] if len(item) > 2 else "" for item in batch]
+    return EncodedBatch([item[0] for item in batch], paths), torch.stack([i[1] for i in batch])
+
+
+class _SkippingCollate:
+    """Collate that drops :class:`SkippedImage` samples: ``(images, targets, skipped messages)``.
+
+    An all-skipped batch is ``(uint8 [0], float [0, C], messages)``: the training loop counts
+    it without a step on it, so the epoch's sample accounting (and resume) is unchanged.
+    """
+
+    def __init__(self, raw: bool, num_classes: int) -> None:
+        self.raw = raw
+        self.num_classes = num_classes
+
+    def __call__(self, batch: list[tuple]) -> tuple[Any, torch.Tensor, list[str]]:
+        failed = [item[0].message for item in batch if isinstance(item[0], SkippedImage)]
+        kept = [item for item in batch if not isinstance(item[0], SkippedImage)]
+        if not kept:
+            empty = EncodedBatch() if self.raw else torch.zeros(0, dtype=torch.uint8)
+            return empty, torch.zeros(0, self.num_classes), failed
+        if self.raw:
+            return (*collate_raw(kept), failed)
+        images, targets = default_collate(kept)
+        return images, targets, failed
 
 
 def decode_batch(
@@ -180,26 +255,37 @@ def decode_batch(
     device: torch.device,
     hflip: bool = False,
 ) -> torch.Tensor:
-    """Encoded files -> normalised batch [B, 3, S, S] on ``device``.
+    """A ``data.gpu_decode`` batch -> normalised batch [B, 3, S, S] on ``device``.
 
-    JPEGs are decoded together by ``torchvision.io.decode_jpeg`` on the device itself
-    (nvJPEG on CUDA); other formats are decoded on the CPU and moved. Then resize, optional
-    random horizontal flip (drawn from torch's global RNG, so seeded runs repeat) and
-    normalisation, all on the device. Used with ``data.gpu_decode=true``.
+    Encoded samples (uint8 [L]: plain JPEGs, see
+    :func:`~mlic.data.transforms.device_decodable_jpeg`) are decoded together by
+    ``torchvision.io.decode_jpeg`` on the device itself (nvJPEG on CUDA); samples the
+    workers already decoded with :func:`decode_image` (uint8 [3, H, W]: every other file)
+    are moved. Then resize, optional random horizontal flip (drawn from torch's global RNG,
+    so seeded runs repeat) and normalisation, all on the device: the pixels of the normal
+    evaluation pipeline. A JPEG the device decoder refuses is decoded by
+    :func:`decode_image` instead, which converts it or raises DataError naming the file.
     """
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
 
-    is_jpeg = [len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in encoded]
-    jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
+    paths = getattr(encoded, "paths", None) or [""] * len(encoded)
+    jpeg_idx = [i for i, d in enumerate(encoded) if d.ndim == 1]
     images: list[torch.Tensor | None] = [None] * len(encoded)
     if jpeg_idx:
-        decoded = decode_jpeg([encoded[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
+        try:
+            decoded = decode_jpeg(
+                [encoded[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device
+            )
+        except RuntimeError:  # one bad file fails the whole batch: find it, one at a time
+            decoded = [_decode_one(encoded[i], paths[i], device) for i in jpeg_idx]
         for i, img in zip(jpeg_idx, decoded, strict=True):
             images[i] = img  # [3, H, W] uint8
-    for i, j in enumerate(is_jpeg):
-        if not j:
-            images[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
+    for i, d in enumerate(encoded):
+        if d.ndim == 3:
+            images[i] = d.to(device)  # decoded by decode_image in a worker
+    if not images:
+        return torch.zeros(0, 3, image_size, image_size, device=device)
     batch = torch.stack(
         [TF.resize(img, [image_size, image_size], antialias=True) for img in images]  # type: ignore[arg-type]
     )  # [B, 3, S, S] uint8
@@ -207,6 +293,19 @@ def decode_batch(
         flip = torch.rand(len(encoded)) < 0.5  # [B], CPU RNG: the same on every device
         batch[flip.to(device)] = batch[flip.to(device)].flip(-1)
     return ToNormalizedFloat(mean, std).to(device)(batch)  # [B, 3, S, S] float32
+
+
+def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
+    """One JPEG on the device, or -- when the device decoder refuses it -- on the CPU by
+    :func:`decode_image`, which names the file if it is broken. uint8 [3, H, W] on ``device``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        if not path:
+            raise DataError("a JPEG of this batch failed to decode on the device") from None
+        return decode_image(path, data=data.numpy().tobytes()).to(device)
 
 
 def build_loader(
@@ -230,8 +329,34 @@ def build_loader(
         persistent_workers=workers > 0,
         drop_last=drop_last,
         prefetch_factor=4 if workers > 0 else None,
-        collate_fn=collate_raw if dataset.raw_bytes else None,
+        collate_fn=_collate_for(dataset),
     )
+
+
+def _collate_for(dataset: MultiLabelDataset) -> Callable | None:
+    if dataset.skip_bad:
+        return _SkippingCollate(dataset.raw_bytes, dataset.ann.num_classes)
+    return collate_raw if dataset.raw_bytes else None
+
+
+def _check_unique_images(ann: Annotations) -> None:
+    """Refuse a split that lists one file twice (``img/a.jpg`` and ``./img/a.jpg`` included):
+    with different labels one of them is wrong, and either way the file would count twice."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(ann.images):
+        key = os.path.normpath(str(p))
+        if key in seen:
+            j = seen[key]
+            same = (
+                "the same labels"
+                if (ann.targets[i] == ann.targets[j]).all()
+                else "different labels"
+            )
+            raise DataError(
+                f"{ann.source}: image {ann.images[i]} is listed twice (entries {j + 1} and "
+                f"{i + 1}, {same}); keep one entry per file"
+            )
+        seen[key] = i
 
 
 def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> Annotations:
@@ -284,6 +409,7 @@ def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> An
         )
     else:  # config validation lists the allowed formats
         raise DataError(f"data.format={fmt!r} is not supported")
+    _check_unique_images(ann)
     if class_names is not None and ann.names != list(class_names):
         raise DataError(
             f"{ann.source}: classes differ from the training split's {list(class_names)}"

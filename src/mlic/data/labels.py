@@ -95,10 +95,12 @@ class LabelSet:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"names": self.names, "counts": self.counts.tolist(), "num_images": self.num_images}
-        (d / "labels.json").write_text(json.dumps(meta, indent=1))
-        np.save(d / "cooccurrence.npy", self.cooccurrence)
+        from mlic.files import save_npy, write_text
+
+        write_text(d / "labels.json", json.dumps(meta, indent=1))
+        save_npy(d / "cooccurrence.npy", self.cooccurrence)
         if self.word_vectors is not None:
-            np.save(d / "word_vectors.npy", self.word_vectors.astype(np.float32))
+            save_npy(d / "word_vectors.npy", self.word_vectors.astype(np.float32))
 
     @classmethod
     def load(cls, directory: str | Path) -> LabelSet:
@@ -221,8 +223,9 @@ def load_word_vectors(source: str | Path, names: list[str]) -> np.ndarray:
     path = Path(source)
     if path.suffix != ".npy":
         raise DataError(f"{path}: word vectors must be a .npy file (no pickle)")
-    if not path.exists():
-        raise DataError(f"{path}: word-vector file not found")
+    from mlic.files import MAX_ANNOTATION_BYTES, require_regular_file
+
+    require_regular_file(path, "word-vector file", MAX_ANNOTATION_BYTES)  # never a FIFO
     try:
         vecs = np.load(path, allow_pickle=False)
     except ValueError as e:

@@ -23,6 +23,7 @@ import numpy as np
 from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
+from mlic.files import read_regular_text
 
 __all__ = ["load_nuswide"]
 
@@ -38,7 +39,7 @@ def _read_column(path: Path, n: int) -> np.ndarray:
     """One concept's 0/1 column [n] from ``path``; errors name the file and line."""
     if not path.exists():
         raise DataError(f"{path}: NUS-WIDE label file not found")
-    text = path.read_text()
+    text = read_regular_text(path, "annotation file")
     values = np.array(text.split())  # fast path; the slow one below only names a bad line
     ok = (values == "0") | (values == "1")
     if not ok.all() or len(values) != n:
@@ -75,7 +76,11 @@ def load_nuswide(
     concepts_path = root / concepts_file
     if not concepts_path.exists():
         raise DataError(f"{concepts_path}: NUS-WIDE concept list not found")
-    names = [ln.strip() for ln in concepts_path.read_text().splitlines() if ln.strip()]
+    names = [
+        ln.strip()
+        for ln in read_regular_text(concepts_path, "annotation file").splitlines()
+        if ln.strip()
+    ]
     if not names:
         raise DataError(f"{concepts_path}: no concept names")
     list_path = root / list_rel
@@ -83,7 +88,7 @@ def load_nuswide(
         raise DataError(f"{list_path}: NUS-WIDE image list not found")
     rel_paths: list[str] = []
     seen: dict[str, int] = {}
-    for line_no, raw in enumerate(list_path.read_text().splitlines(), 1):
+    for line_no, raw in enumerate(read_regular_text(list_path, "annotation file").splitlines(), 1):
         rel = raw.strip().replace("\\", "/")
         if not rel:
             continue

@@ -31,6 +31,7 @@ import numpy as np
 from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
+from mlic.files import require_regular_file
 
 __all__ = ["load_openimages", "read_class_descriptions"]
 
@@ -58,6 +59,7 @@ def read_class_descriptions(path: str | Path) -> tuple[list[str], list[str]]:
     mids: list[str] = []
     display: list[str] = []
     seen: set[str] = set()
+    require_regular_file(path, "annotation file")  # streamed: no size bound
     with path.open(newline="", encoding="utf-8") as f:
         reader = _csv.reader(f)
         for row in reader:
@@ -112,6 +114,7 @@ def load_openimages(
     label_code: dict[str, int] = {}
     rows, labels = array("l"), array("l")
     values = array("b")
+    require_regular_file(path, "annotation file")  # streamed: no size bound
     with path.open(newline="", encoding="utf-8") as f:
         reader = _csv.reader(f)
         header = [h.strip() for h in next(reader, [])]

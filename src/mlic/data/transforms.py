@@ -9,9 +9,12 @@ DCT scaling, 1.2x faster than through a PIL image, and everything else through
 :func:`load_image`. Augmentation runs on uint8 tensors; conversion to float and
 normalisation come last.
 
-Every failure to read an image -- missing, empty, not an image, truncated, larger than
-:data:`MAX_IMAGE_PIXELS` -- is a :class:`~mlic.errors.DataError` whose message starts with
-the file's path, so a bad file is never anonymous (also inside data-loader workers).
+Every failure to read an image -- missing, empty, not a regular file (a FIFO is never
+opened), not an image, truncated, larger than :data:`MAX_IMAGE_PIXELS` or
+:data:`~mlic.files.MAX_IMAGE_BYTES` -- is a :class:`~mlic.errors.DataError` whose message
+starts with the file's path, so a bad file is never anonymous (also inside data-loader
+workers). :func:`device_decodable_jpeg` says which files a device JPEG decoder may take
+for ``data.gpu_decode`` with the same pixels as :func:`decode_image`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from mlic.errors import DataError
+from mlic.files import MAX_IMAGE_BYTES, read_regular_bytes, require_regular_file
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
@@ -33,6 +37,7 @@ __all__ = [
     "ToNormalizedFloat",
     "build_transform",
     "decode_image",
+    "device_decodable_jpeg",
     "load_image",
     "probe_image",
     "to_rgb",
@@ -80,17 +85,43 @@ def _as_data_error(path: Path, e: BaseException) -> DataError:
     return DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})")
 
 
+#: Bytes at the end of a JPEG searched for its end-of-image marker (FF D9): files with a
+#: little data after the marker (some cameras append it) are not truncated.
+_JPEG_TAIL = 4096
+
+
+def _check_complete(path: Path, fmt: str | None, size: int) -> None:
+    """Raise DataError when a JPEG lacks its end-of-image marker or a PNG its IEND chunk.
+
+    A file cut short (interrupted copy or download) keeps a valid header, so only this or a
+    full decode finds it; reading the last few KiB costs one seek.
+    """
+    if fmt not in ("JPEG", "PNG"):
+        return
+    tail_len = min(size, _JPEG_TAIL if fmt == "JPEG" else 64)
+    with open(path, "rb") as f:
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise DataError(f"{path}: truncated JPEG (no end-of-image marker); cannot decode image")
+    if fmt == "PNG" and b"IEND" not in tail:
+        raise DataError(f"{path}: truncated PNG (no IEND chunk); cannot decode image")
+
+
 def probe_image(path: str | Path) -> tuple[int, int]:
     """Cheap check that ``path`` is an image of an acceptable size: ``(width, height)``.
 
-    Reads only the header (``Image.open`` is lazy), so it finds missing, empty, non-image
-    and oversized files, but not truncated pixel data -- that needs a decode
+    Reads the header (``Image.open`` is lazy) and the file's last few KiB, so it finds
+    missing, empty, non-image, oversized and non-regular files (FIFOs...), and JPEG/PNG files
+    cut short (no end marker); corrupt data in the middle of a file needs a decode
     (:func:`load_image`). Raises DataError naming the file.
     """
     path = Path(path)
+    size = require_regular_file(path, "image file", MAX_IMAGE_BYTES)
     try:
         with Image.open(path) as img:
             _check_size(path, img)
+            _check_complete(path, img.format, size)
             return img.size
     except DataError:
         raise
@@ -144,6 +175,8 @@ def load_image(
     Raises DataError naming the file when it is missing, unreadable, truncated or too large.
     """
     path = Path(path)
+    if data is None:
+        data = read_regular_bytes(path, "image file", MAX_IMAGE_BYTES)
     try:
         with _open(path, data) as img:
             _check_size(path, img)  # before load(): an oversized file allocates nothing
@@ -194,22 +227,75 @@ def _decode_jpeg_turbo(path: Path, data: bytes, draft_size: int | None) -> torch
     return torch.from_numpy(arr).permute(2, 0, 1)  # [3, H, W] uint8 (an HWC view)
 
 
-def decode_image(path: str | Path, draft_size: int | None = None) -> torch.Tensor:
+def decode_image(
+    path: str | Path, draft_size: int | None = None, data: bytes | None = None
+) -> torch.Tensor:
     """Decode ``path`` to a uint8 RGB tensor ``[3, H, W]``: what :func:`load_image` gives,
     as a tensor, with libjpeg-turbo's direct path for plain RGB/greyscale JPEGs.
 
     The tensor is a channels-last (HWC) view, the layout torchvision's uint8 resize kernels
-    are fastest on. Raises DataError naming the file, as :func:`load_image` does.
+    are fastest on. ``data``: the file's bytes, already read. Raises DataError naming the
+    file, as :func:`load_image` does.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except Exception as e:
-        raise _as_data_error(path, e) from e
+    if data is None:
+        data = read_regular_bytes(path, "image file", MAX_IMAGE_BYTES)
     fast = _decode_jpeg_turbo(path, data, draft_size)
     if fast is not None:
         return fast
     return v2.functional.pil_to_tensor(load_image(path, draft_size, data=data))
+
+
+def _jpeg_frame_marker(data: bytes) -> int | None:
+    """The start-of-frame marker (0xC0 baseline, 0xC2 progressive, ...) of a JPEG, or None.
+
+    Walks the marker segments from SOI; None when the structure is broken before a frame.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI or scan data before any frame
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def device_decodable_jpeg(data: bytes, draft_size: int | None = None) -> bool:
+    """Whether a device JPEG decoder (``torchvision.io.decode_jpeg``, nvJPEG) gives exactly
+    the pixels :func:`decode_image` gives for these bytes.
+
+    True only for what :func:`decode_image` sends down libjpeg-turbo's direct path at full
+    scale: a complete (end-of-image marker present) baseline or extended-sequential JPEG,
+    RGB or greyscale, without an EXIF rotation, of an accepted size, that the CPU path would
+    not decode at a DCT-reduced scale for ``draft_size``. Everything else (progressive,
+    CMYK, rotated, truncated, PNG with alpha, 16-bit, TIFF, GIF...) must go through
+    :func:`decode_image`, which converts it or refuses it naming the file.
+    """
+    if _jpeg_frame_marker(data) not in (0xC0, 0xC1):
+        return False
+    if b"\xff\xd9" not in data[-_JPEG_TAIL:]:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # header only
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return False
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
+                return False
+            if "exif" in img.info and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                return False
+    except Exception:  # untrusted bytes: anything PIL cannot read goes the CPU way
+        return False
+    return not draft_size or _draft_reduction(w, h, draft_size) == 1
 
 
 class ToNormalizedFloat(torch.nn.Module):

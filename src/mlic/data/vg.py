@@ -27,6 +27,7 @@ import numpy as np
 from mlic.data import Annotations, read_json
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
+from mlic.files import read_regular_text
 
 __all__ = ["VG500_IMAGE_DIRS", "VG500_LABELS", "VG500_LIST", "load_vg500", "read_categories"]
 
@@ -57,7 +58,11 @@ def read_categories(path: Path, num_classes: int) -> list[str]:
         else:
             raise DataError(f"{path}: expected a JSON list of names or {{name: index}}")
     else:
-        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        names = [
+            ln.strip()
+            for ln in read_regular_text(path, "annotation file").splitlines()
+            if ln.strip()
+        ]
     if len(names) != num_classes:
         raise DataError(f"{path}: {len(names)} category names, expected {num_classes}")
     return names
@@ -116,7 +121,7 @@ def load_vg500(
 
     image_names: list[str] = []
     seen: dict[str, int] = {}
-    for line_no, raw in enumerate(list_path.read_text().splitlines(), 1):
+    for line_no, raw in enumerate(read_regular_text(list_path, "annotation file").splitlines(), 1):
         name = raw.strip()
         if not name:
             continue

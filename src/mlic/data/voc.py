@@ -15,6 +15,7 @@ import numpy as np
 from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
+from mlic.files import MAX_ANNOTATION_BYTES, read_regular_bytes, read_regular_text
 
 __all__ = ["VOC_CLASSES", "load_voc", "parse_voc_xml"]
 
@@ -31,13 +32,12 @@ def parse_voc_xml(path: Path) -> tuple[str | None, list[tuple[str, bool, int]]]:
     Raises DataError naming the file (and line, for syntax errors) when malformed.
     """
     try:
-        tree = ET.parse(path)
+        root = ET.fromstring(read_regular_bytes(path, "annotation file", MAX_ANNOTATION_BYTES))
     except ET.ParseError as e:
         line = e.position[0] if e.position else "?"
         raise DataError(f"{path}:{line}: malformed XML ({e})") from e
     except OSError as e:
         raise DataError(f"{path}: cannot read annotation ({e.strerror})") from e
-    root = tree.getroot()
     if root.tag != "annotation":
         raise DataError(f"{path}: root element is <{root.tag}>, expected <annotation>")
     filename = root.findtext("filename")
@@ -58,7 +58,9 @@ def parse_voc_xml(path: Path) -> tuple[str | None, list[tuple[str, bool, int]]]:
 def _read_class_list(root: Path) -> list[str] | None:
     labels = root / "labels.txt"
     if labels.exists():
-        names = [n.strip() for n in labels.read_text().splitlines() if n.strip()]
+        names = [
+            n.strip() for n in read_regular_text(labels, "class list").splitlines() if n.strip()
+        ]
         return names or None
     return None
 
@@ -84,7 +86,11 @@ def load_voc(root: str | Path, split: str, class_names: list[str] | None = None)
         raise DataError(f"{set_file}: split {split!r} not found; available: {avail}")
     names = class_names or _read_class_list(root) or list(VOC_CLASSES)
     index = {n: i for i, n in enumerate(names)}
-    ids = [ln.split()[0] for ln in set_file.read_text().splitlines() if ln.strip()]
+    ids = [
+        ln.split()[0]
+        for ln in read_regular_text(set_file, "image-set file").splitlines()
+        if ln.strip()
+    ]
     seen: dict[str, int] = {}
     for line_no, image_id in enumerate(ids, 1):
         if image_id in seen:

@@ -14,10 +14,8 @@ target, so a crash mid-write leaves the previous file intact.
 from __future__ import annotations
 
 import json
-import os
+import math
 import pickle
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from mlic.engine.faults import maybe_kill
 from mlic.errors import CheckpointError
+from mlic.files import atomic_write, require_regular_file
 
 __all__ = [
     "atomic_write",
@@ -38,28 +36,8 @@ __all__ = [
     "save_resume",
     "load_resume",
     "unwrap_model",
+    "validate_metadata",
 ]
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        maybe_kill("kill_in_write", path.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -125,8 +103,7 @@ def save_checkpoint(
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded metadata of an mlic safetensors checkpoint (no tensors loaded)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    require_regular_file(path, "checkpoint", error=CheckpointError)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -141,7 +118,99 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     for key in ("model", "num_classes", "label_names", "model_kwargs"):
         if key not in meta:
             raise CheckpointError(f"{path}: metadata has no {key!r}; not an mlic checkpoint")
+    validate_metadata(
+        meta, str(path), label_count=False
+    )  # load_checkpoint checks it after the shapes
     return meta
+
+
+#: Bounds on values read from a checkpoint's metadata (a file may come from anyone).
+MAX_CLASSES = 100_000
+MAX_LABEL_CHARS = 1_000
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4_096
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _plain_kwarg(x: Any) -> bool:
+    """A model option value as mlic saves them: a short string, a bool, a bounded number or null."""
+    if x is None or isinstance(x, bool):
+        return True
+    if isinstance(x, str):
+        return len(x) <= 256
+    return _finite_number(x) and abs(x) <= 1_000_000
+
+
+def validate_metadata(meta: dict[str, Any], where: str, label_count: bool = True) -> None:
+    """Check every metadata value mlic uses, with bounds, before anything uses it.
+
+    Raises CheckpointError ``"<where>: metadata <key> ..."`` naming the key and the bound:
+    a hostile or damaged file can not make mlic allocate without bound (``input_size``),
+    mis-read labels (a string ``label_names`` split into characters, duplicate names
+    collapsing a score column) or divide by zero (``std``). ``label_count=False`` leaves
+    the names-vs-``num_classes`` check to :func:`load_checkpoint`, which first compares the
+    model's shapes with the file's tensors (the more telling message).
+    """
+
+    def bad(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: metadata {key} {why}; refusing this checkpoint")
+
+    if not isinstance(meta.get("model"), str) or not meta["model"]:
+        raise bad("model", "must be a model name (a non-empty string)")
+    n = meta.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CLASSES:
+        raise bad("num_classes", f"must be an integer in [1, {MAX_CLASSES}], got {n!r:.60}")
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+        raise bad("label_names", f"must be a list of strings, got {type(names).__name__}")
+    if label_count and len(names) != n:
+        raise bad("label_names", f"has {len(names)} names but num_classes is {n}")
+    if any(not x or len(x) > MAX_LABEL_CHARS for x in names):
+        raise bad(
+            "label_names", f"must be non-empty strings of at most {MAX_LABEL_CHARS} characters"
+        )
+    if len(set(names)) != len(names):
+        dup = sorted({x for x in names if names.count(x) > 1})[:5]
+        raise bad("label_names", f"has duplicates {dup}")
+    kwargs = meta.get("model_kwargs")
+    if not isinstance(kwargs, dict):
+        raise bad("model_kwargs", "must be a JSON object")
+    for k, v in kwargs.items():
+        items = v if isinstance(v, list) else [v]
+        if len(items) > 64 or not all(_plain_kwarg(x) for x in items):
+            raise bad(f"model_kwargs.{k}", f"is not a plain option value ({v!r:.60})")
+    if kwargs.get("pretrained") not in (None, False):  # weights come from the file, nothing else
+        raise bad("model_kwargs.pretrained", "must be false (a checkpoint holds its weights)")
+    size = meta.get("input_size", [3, 448, 448])
+    if (
+        not isinstance(size, list)
+        or len(size) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+        or size[0] != 3
+        or not all(MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE for v in size[1:])
+    ):
+        raise bad(
+            "input_size",
+            f"must be [3, H, W] with H, W in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}], got {size!r:.60}",
+        )
+    for key, positive in (("mean", False), ("std", True)):
+        v = meta.get(key, [0.5, 0.5, 0.5])
+        if (
+            not isinstance(v, list)
+            or len(v) != 3
+            or not all(_finite_number(x) and (x > 0 if positive else abs(x) <= 1e3) for x in v)
+        ):
+            what = "3 finite numbers > 0" if positive else "3 finite numbers"
+            raise bad(key, f"must be {what}, got {v!r:.60}")
+    thr = meta.get("thresholds")
+    if thr is not None and (
+        not isinstance(thr, list)
+        or len(thr) != n
+        or not all(_finite_number(t) and 0.0 <= t <= 1.0 for t in thr)
+    ):
+        raise bad("thresholds", f"must be {n} numbers in [0, 1] (one per label)")
 
 
 def load_checkpoint(
@@ -154,17 +223,43 @@ def load_checkpoint(
     meta = read_metadata(path)
     if not is_model(meta["model"]):
         raise CheckpointError(f"{path}: unknown model {meta['model']!r} in metadata")
+    # Build the model on the meta device first (no memory) and compare its tensor shapes
+    # with the file's header: metadata asking for a model larger than the file is refused
+    # before any real allocation.
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(
+                meta["model"], num_classes=int(meta["num_classes"]), **meta["model_kwargs"]
+            )
+    except Exception as e:  # noqa: BLE001 -- untrusted kwargs: any failure is the file's
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path}: cannot build model {meta['model']!r} from the metadata's model_kwargs ({first})"
+        ) from e
+    with safe_open(str(path), framework="pt") as f:
+        header = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    load_state_strict(skeleton, header, str(path), check_only=True)
+    del skeleton, header
     model = create_model(
         meta["model"], num_classes=int(meta["num_classes"]), **meta["model_kwargs"]
     )
     state = load_file(str(path), device="cpu")
     load_state_strict(model, state, str(path))
+    if len(meta["label_names"]) != meta["num_classes"]:
+        raise CheckpointError(
+            f"{path}: metadata label_names has {len(meta['label_names'])} names but the model "
+            f"has {meta['num_classes']} outputs; refusing this checkpoint"
+        )
     model.to(device).eval()
     return model, meta
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mismatched keys."""
+def load_state_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], where: str, check_only: bool = False
+) -> None:
+    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mismatched keys.
+
+    ``check_only``: compare keys and shapes, load nothing (e.g. meta-device tensors)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -179,7 +274,8 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
         if shapes:
             parts.append(f"shape mismatch {shapes[:3]}")
         raise CheckpointError(f"{where}: weights do not match the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    if not check_only:
+        model.load_state_dict(state, strict=True)
 
 
 def update_metadata(path: str | Path, **updates: Any) -> dict[str, Any]:
@@ -204,8 +300,7 @@ def save_resume(state: dict[str, Any], path: str | Path) -> None:
 def load_resume(path: str | Path) -> dict[str, Any]:
     """Load a resume state with ``weights_only=True``: pickled objects are refused, not run."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: resume state not found")
+    require_regular_file(path, "resume state", error=CheckpointError)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

