@@ -226,6 +226,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from mlic.data.check import data_check, write_stats
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if args.action == "pack":
+        return _pack(cfg, args)
     full = not args.fast
     if args.action == "check":
         report = data_check(cfg, full=full, workers=args.workers, progress=not args.quiet)
@@ -235,6 +237,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     _, summary, report = write_stats(cfg, output, full=full, workers=args.workers)
     print(summary)
     return 1 if report.num_problems else 0
+
+
+def _pack(cfg, args: argparse.Namespace) -> int:
+    """``mlic data pack CONFIG --split train --out DIR``: WebDataset shards + dataset.json."""
+    from mlic.data.dataset import load_split
+    from mlic.data.wds import pack_shards
+
+    if not args.out:
+        raise ConfigError("mlic data pack needs --out DIR (the folder for the shards)")
+    t0 = time.perf_counter()
+    train_names = None
+    if args.split == "val":  # the val split in the training split's class order
+        train_names = load_split(cfg.data, "train").names
+    ann = load_split(cfg.data, args.split, class_names=train_names)
+    index = pack_shards(ann, args.out, shard_size=args.shard_size,
+                        max_samples_per_shard=args.samples_per_shard, seed=args.seed,
+                        progress=not args.quiet)  # fmt: skip
+    secs = time.perf_counter() - t0
+    size = sum(s["bytes"] for s in index["shards"])
+    print(f"{index['num_samples']} samples in {len(index['shards'])} shards ({size / 1e6:.1f} MB) "
+          f"in {args.out}; {secs:.1f} s ({1000 * secs / max(index['num_samples'], 1):.2f} s per 1,000 images)")  # fmt: skip
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -310,16 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-images", type=int, default=32)
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("data", help="check a data config's images and annotations, or describe it")
+    s = sub.add_parser("data", help="check a data config's images and annotations, describe it, "
+                       "or pack it into WebDataset shards")  # fmt: skip
     s.add_argument(
-        "action", choices=["check", "stats"], help="check: list every broken image; "
-        "stats: also write stats.md, class_frequency.png, cooccurrence.png"
+        "action", choices=["check", "stats", "pack"], help="check: list every broken image; "
+        "stats: also write stats.md, class_frequency.png, cooccurrence.png; "
+        "pack: write one split as WebDataset tar shards + dataset.json (--out)"
     )  # fmt: skip
     s.add_argument("config", help="YAML path or shipped recipe name (its data.* section is used)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=...")
     s.add_argument("--fast", action="store_true", help="read image headers only (no decode)")
     s.add_argument("--workers", type=int, help="checking threads (default: CPU count)")
     s.add_argument("--output", help="stats: output folder (default: <run.output_dir>/data-stats)")
+    s.add_argument("--split", default="train", choices=["train", "val"], help="pack: which split")
+    s.add_argument("--out", help="pack: folder for the shards and dataset.json")
+    s.add_argument("--shard-size", default="1GB", help="pack: bytes per shard (1GB, 500MB, ...)")
+    s.add_argument("--samples-per-shard", type=int, help="pack: also cap samples per shard")
+    s.add_argument("--seed", type=int, default=0, help="pack: seed of the sample order")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_data)
 

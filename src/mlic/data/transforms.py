@@ -193,18 +193,23 @@ def _decode_jpeg_turbo(path: Path, data: bytes, draft_size: int | None) -> torch
     return torch.from_numpy(arr).permute(2, 0, 1)  # [3, H, W] uint8 (an HWC view)
 
 
-def decode_image(path: str | Path, draft_size: int | None = None) -> torch.Tensor:
+def decode_image(
+    path: str | Path, draft_size: int | None = None, data: bytes | None = None
+) -> torch.Tensor:
     """Decode ``path`` to a uint8 RGB tensor ``[3, H, W]``: what :func:`load_image` gives,
     as a tensor, with libjpeg-turbo's direct path for plain RGB/greyscale JPEGs.
 
     The tensor is a channels-last (HWC) view, the layout torchvision's uint8 resize kernels
     are fastest on. Raises DataError naming the file, as :func:`load_image` does.
+    ``data``: the encoded bytes, already in memory (a shard member, a dataset cell); ``path``
+    then only names the image in errors.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except Exception as e:
-        raise _as_data_error(path, e) from e
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except Exception as e:
+            raise _as_data_error(path, e) from e
     fast = _decode_jpeg_turbo(path, data, draft_size)
     if fast is not None:
         return fast

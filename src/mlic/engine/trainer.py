@@ -39,6 +39,7 @@ from mlic.data.dataset import (
     load_split,
 )
 from mlic.data.labels import LabelSet
+from mlic.data.sources import STREAM_FORMATS, build_source_loaders, open_sources
 from mlic.data.transforms import ToNormalizedFloat, build_transform
 from mlic.engine import distributed as dist_utils
 from mlic.engine.checkpoint import (
@@ -138,13 +139,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_labels(train_ann: Annotations, word_vectors: str) -> LabelSet:
+def build_labels(train_ann: Annotations | LabelSet, word_vectors: str) -> LabelSet:
     """LabelSet of the training split, with word vectors when they can be had.
 
     ``glove``: the shipped VOC/COCO vectors matched by name; classes they do not cover fall
     back to learnable embeddings (a warning says which). A ``.npy`` path must match.
     """
-    labels = LabelSet.from_targets(train_ann.names, train_ann.targets)
+    if isinstance(train_ann, LabelSet):  # shards / HF datasets: statistics from their index
+        labels = train_ann
+    else:
+        labels = LabelSet.from_targets(train_ann.names, train_ann.targets)
     if word_vectors == "glove":
         try:
             labels.with_word_vectors("glove")
@@ -339,14 +343,21 @@ def train(
         log.setLevel(logging.WARNING)
 
     # --- data
-    train_ann = load_split(cfg.data, "train")
-    val_ann = load_split(cfg.data, "val", class_names=train_ann.names)
-    # log annotation warnings; check images (data.image_check); stop, or skip and list them
-    from mlic.data.check import screen_splits
+    sources = None
+    if cfg.data.format in STREAM_FORMATS:  # shards / HF datasets: statistics from their index
+        sources = open_sources(cfg.data)
+        labels = build_labels(sources[0].label_set(), cfg.model.word_vectors)
+    else:
+        train_ann = load_split(cfg.data, "train")
+        val_ann = load_split(cfg.data, "val", class_names=train_ann.names)
+        # log annotation warnings; check images (data.image_check); stop, or skip and list them
+        from mlic.data.check import screen_splits
 
-    checked = screen_splits({"train": train_ann, "val": val_ann}, cfg.data, run_dir, dist.is_main)
-    train_ann, val_ann = checked["train"], checked["val"]
-    labels = build_labels(train_ann, cfg.model.word_vectors)
+        checked = screen_splits(
+            {"train": train_ann, "val": val_ann}, cfg.data, run_dir, dist.is_main
+        )
+        train_ann, val_ann = checked["train"], checked["val"]
+        labels = build_labels(train_ann, cfg.model.word_vectors)
     no_pos = [n for n, c in zip(labels.names, labels.counts, strict=True) if c == 0]
     if no_pos:
         log.warning("classes with no training positives (left out of mAP): %s", no_pos)
@@ -374,27 +385,33 @@ def train(
                                normalize=False)  # fmt: skip
     eval_tf = build_transform(size, dcfg["mean"], dcfg["std"], False, normalize=False)
     raw = d.gpu_decode  # encoded files to the device, decoded there a batch at a time
-    train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size, raw_bytes=raw)
-    val_ds = MultiLabelDataset(val_ann, eval_tf, draft_size=size, raw_bytes=raw)
     norm = (dcfg["mean"], dcfg["std"])
     if raw:
         train_prepare = lambda b: decode_batch(b, size, *norm, device, hflip=d.hflip)  # noqa: E731
         eval_prepare = lambda b: decode_batch(b, size, *norm, device)  # noqa: E731
     else:
         train_prepare = eval_prepare = uint8_batch_to_device(*norm, device, cfg.train.channels_last)
-    train_sampler = SeededSampler(
-        len(train_ds), True, cfg.train.seed, dist.world_size, dist.rank, pad=True
-    )
-    val_sampler = SeededSampler(
-        len(val_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
-    )
     pin = device.type == "cuda"
-    train_loader = build_loader(
-        train_ds, d.batch_size, train_sampler, d.workers, drop_last=False, pin_memory=pin
-    )
-    val_loader = build_loader(
-        val_ds, d.eval_batch_size or d.batch_size, val_sampler, d.workers, pin_memory=pin
-    )
+    if sources is not None:  # len(train_ds) global samples/epoch; train_sampler.set_epoch()
+        train_ds, train_sampler, train_loader, val_loader = build_source_loaders(
+            *sources, d, train_tf, eval_tf, size, cfg.train.seed, dist.world_size, dist.rank,
+            pin, run_dir,
+        )  # fmt: skip
+    else:
+        train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size, raw_bytes=raw)
+        val_ds = MultiLabelDataset(val_ann, eval_tf, draft_size=size, raw_bytes=raw)
+        train_sampler = SeededSampler(
+            len(train_ds), True, cfg.train.seed, dist.world_size, dist.rank, pad=True
+        )
+        val_sampler = SeededSampler(
+            len(val_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
+        )
+        train_loader = build_loader(
+            train_ds, d.batch_size, train_sampler, d.workers, drop_last=False, pin_memory=pin
+        )
+        val_loader = build_loader(
+            val_ds, d.eval_batch_size or d.batch_size, val_sampler, d.workers, pin_memory=pin
+        )
     batches_per_epoch = math.ceil(len(train_ds) / (d.batch_size * dist.world_size))
     if cfg.train.max_steps_per_epoch:
         batches_per_epoch = min(
