@@ -135,10 +135,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from mlic.evaluate import resolve_target
-    from mlic.export import export_checkpoint
+    from mlic.export import SUFFIXES, export_checkpoint
+    from mlic.hub import is_hub_id
 
     ckpt, _ = resolve_target(args.checkpoint)
     output = Path(args.output) if args.output else None  # default: beside the checkpoint
+    if output is None and is_hub_id(args.checkpoint):  # not into the Hugging Face cache
+        output = Path(args.checkpoint.rsplit("/", 1)[-1].split("@")[0] + SUFFIXES[args.format])
     result = export_checkpoint(ckpt, output, format=args.format, image_size=args.image_size)
     print(
         f"exported {args.format} to {result.path}; max |p_export - p_eager| = {result.max_abs_diff:.2e}"
@@ -181,6 +184,21 @@ def _quantize(ckpt: Path, onnx_path: Path, args: argparse.Namespace) -> Path:
         [tf(load_image(p, draft_size=size)) for p in images[: args.calibration_images]]
     )
     return quantize_onnx_int8(onnx_path, onnx_path.with_suffix(".int8.onnx"), batch)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """``mlic push RUN_DIR REPO_ID`` uploads; ``mlic push --dry-run RUN_DIR OUT_DIR`` writes the
+    folder it would upload (model.safetensors, config.json, config.yaml, README.md)."""
+    from mlic.hub import push_run
+
+    if args.dry_run:
+        repo_id = args.repo_id or f"ORG/{Path(args.run_dir).resolve().name}"
+        where = push_run(args.run_dir, repo_id, license=args.license, dry_run=args.target)
+        print(f"wrote the folder `mlic push` would upload as {repo_id} to {where}")
+        return 0
+    url = push_run(args.run_dir, args.target, private=args.private, license=args.license)
+    print(f"pushed {args.run_dir} to {url}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -283,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "eval", help="evaluate a run folder or checkpoint; writes metrics + report.md"
     )
-    s.add_argument("target", help="run folder (uses its config) or .safetensors checkpoint")
+    s.add_argument(
+        "target", help="run folder (uses its config), .safetensors checkpoint or hf-hub:ORG/NAME"
+    )
     s.add_argument(
         "overrides", nargs="*", help="data.* overrides, e.g. data.format=voc data.root=..."
     )
@@ -301,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="predict labels for image files, folders or globs")
-    s.add_argument("checkpoint", help=".safetensors checkpoint or run folder")
+    s.add_argument("checkpoint", help=".safetensors checkpoint, run folder or hf-hub:ORG/NAME")
     s.add_argument("inputs", nargs="+", help="image files, folders (recursive) or globs")
     s.add_argument(
         "--threshold", type=float, help="one threshold for all labels (default: tuned, else 0.5)"
@@ -321,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "export", help="export a checkpoint to ONNX, TorchScript or an ExportedProgram"
     )
-    s.add_argument("checkpoint", help=".safetensors checkpoint or run folder")
+    s.add_argument("checkpoint", help=".safetensors checkpoint, run folder or hf-hub:ORG/NAME")
     s.add_argument("--format", choices=["onnx", "torchscript", "exported-program"], default="onnx")
     s.add_argument("--output", help="output file (default: beside the checkpoint)")
     s.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
@@ -353,6 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="pack: seed of the sample order")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_data)
+
+    s = sub.add_parser(
+        "push", help="upload a run's best checkpoint + model card to the Hugging Face Hub"
+    )
+    s.add_argument("run_dir", help="run folder (best.safetensors, config.yaml, ...)")
+    s.add_argument("target", metavar="REPO_ID|OUT_DIR", help="ORG/NAME; with --dry-run: a folder")
+    s.add_argument("--private", action="store_true", help="create the repository as private")
+    s.add_argument("--license", default="other", help="licence field of the model card")
+    s.add_argument("--dry-run", action="store_true", help="only write the folder to OUT_DIR")
+    s.add_argument("--repo-id", help="--dry-run: the ORG/NAME the card names")
+    s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("bench", help="training/inference speed, latency, memory, FLOP utilisation")
     s.add_argument("model")

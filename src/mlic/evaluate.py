@@ -21,7 +21,12 @@ __all__ = ["evaluate_checkpoint", "resolve_target"]
 
 
 def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
-    """``(checkpoint, run config or None)`` for a run folder or a checkpoint path."""
+    """``(checkpoint, run config or None)`` for a run folder, a checkpoint path or an
+    ``hf-hub:ORG/NAME`` repository (its ``model.safetensors`` and ``config.yaml``)."""
+    from mlic.hub import is_hub_id, resolve_checkpoint, resolve_hub_file
+
+    if is_hub_id(target):
+        return resolve_checkpoint(target), resolve_hub_file(str(target), "config.yaml", False)
     t = Path(target)
     if t.is_dir():
         ckpt = t / "best.safetensors"
@@ -47,6 +52,13 @@ def evaluate_checkpoint(
     ``tune_thresholds``: choose per-class thresholds maximising each class's F1 on this split
     and store them in the checkpoint's metadata (``mlic predict`` then uses them).
     """
+    from mlic.hub import is_hub_id
+
+    hub = is_hub_id(target)
+    if hub and tune_thresholds:
+        raise ConfigError(
+            f"{target}: --tune-thresholds writes into the checkpoint; evaluate a local copy"
+        )
     ckpt, run_cfg = resolve_target(target)
     cfg = load_config(run_cfg, overrides)
     model, meta = load_checkpoint(ckpt)
@@ -80,7 +92,12 @@ def evaluate_checkpoint(
         )
         tuned = multilabel_metrics(scores, targets, threshold=thresholds)
         results = {**results, **{f"tuned_{k}": v for k, v in tuned.items() if k != "mAP"}}
-    out = Path(output) if output else ckpt.parent / f"eval-{split}"
+    default = (
+        Path(f"eval-{str(target).rsplit('/', 1)[-1]}-{split}")
+        if hub
+        else ckpt.parent / f"eval-{split}"
+    )
+    out = Path(output) if output else default  # never inside the Hugging Face cache
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "checkpoint": str(ckpt),
