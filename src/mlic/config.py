@@ -57,8 +57,8 @@ class DataConfig:
     - ``wds``: WebDataset tar shards written by ``mlic data pack`` (see :mod:`mlic.data.wds`):
       ``train``/``val`` = a shard folder (holding ``dataset.json``), a brace pattern
       (``/data/coco-train/shard-{000000..000127}.tar``) or an ``https://`` / ``s3://`` URL
-      pattern, streamed; ``index`` = where ``dataset.json`` is when it is not beside the
-      shards. ``root`` is ignored. Each rank reads its own shards; see the module docstring
+      pattern, streamed; ``index`` = where the training shards' ``dataset.json`` is when it
+      is not beside them. ``root`` is ignored. Each rank reads its own shards; see the module docstring
       for how ranks get equal step counts and how resume finds its place.
     - ``hf``: a Hugging Face ``datasets`` set (see :mod:`mlic.data.hf`): ``root`` = a
       ``save_to_disk`` folder, a folder/glob of parquet files, or (online) a Hub dataset id;
