@@ -251,9 +251,8 @@ def open_hf_split(data_cfg: Any, split: str, class_names: list[str] | None = Non
         return HFSource(ds, names, img_col, lab_col, encode, source, False, targets, len(targets))
     n = None
     info = getattr(ds, "info", None)
-    if info is not None and info.splits:
-        for s in info.splits.values():
-            n = s.num_examples if s.num_examples else None
+    if info is not None and info.splits and which in info.splits:
+        n = info.splits[which].num_examples or None
     if n is None:
         n = sum(1 for _ in ds.select_columns([lab_col]))  # one pass over the labels only
     stats = LabelSet.from_targets(names, np.stack([encode(c) for c in first]))
