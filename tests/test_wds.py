@@ -273,3 +273,21 @@ def test_train_and_eval_from_shards(packed, tmp_path: Path) -> None:
     ev = evaluate_checkpoint(run, ["run.progress=false"], output=tmp_path / "ev")
     assert ev["metrics"]["mAP"] == pytest.approx(meta["metrics"]["mAP"], abs=1e-6)
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_images"] == 9
+
+
+def test_training_skips_and_counts_the_samples_of_a_truncated_shard(tmp_path: Path) -> None:
+    voc = make_set(tmp_path)
+    train, val = pack(voc, "train", tmp_path / "train"), pack(voc, "val", tmp_path / "val", 4)
+    cut = train / "shard-000002.tar"
+    cut.write_bytes(cut.read_bytes()[: 4 * 1024])
+    over = [
+        "data.format=wds", f"data.train={train}", f"data.val={val}", "data.image_size=48",
+        "data.batch_size=4", "data.workers=0", f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false", "train.epochs=1", "train.ema=false", f"run.output_dir={tmp_path}",
+        "run.name=bad", "run.progress=false", "run.tensorboard=false",
+    ]  # fmt: skip
+    assert cli_main(["train", "demo", *over]) == 2  # stops, naming the shard
+    assert cli_main(["train", "demo", *over, "data.skip_bad_images=true", "run.name=skip"]) == 0
+    lines = (tmp_path / "skip" / "bad_samples.txt").read_text().splitlines()
+    assert lines and all("shard-000002.tar: truncated" in line for line in lines)
+    assert (tmp_path / "skip" / "best.safetensors").exists()
