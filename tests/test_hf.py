@@ -32,7 +32,10 @@ def jpeg(seed: int) -> bytes:
 
 def label_ids(n: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [sorted(rng.choice(3, size=int(rng.integers(1, 3)), replace=False).tolist()) for _ in range(n)]
+    return [
+        sorted(rng.choice(3, size=int(rng.integers(1, 3)), replace=False).tolist())
+        for _ in range(n)
+    ]
 
 
 def classlabel_dict(root: Path) -> tuple[Path, dict[str, list[list[int]]]]:
@@ -87,7 +90,9 @@ def write_parquet(root: Path, split: str, rows: list, feats) -> None:
 
 
 def test_parquet_with_names_and_multihot_and_custom_columns(tmp_path: Path) -> None:
-    strings = datasets.Features({"img": datasets.Image(), "tags": datasets.Sequence(datasets.Value("string"))})
+    strings = datasets.Features(
+        {"img": datasets.Image(), "tags": datasets.Sequence(datasets.Value("string"))}
+    )
     rows = [["dog"], ["cat", "car"], ["car"], ["dog", "cat"]]
     write_parquet(tmp_path / "names", "train", rows, strings)
     over = ["data.image_column=img", "data.label_column=tags", "data.train=train"]
@@ -99,18 +104,29 @@ def test_parquet_with_names_and_multihot_and_custom_columns(tmp_path: Path) -> N
     rows = [[1, 0, -1], [0, 1, 0], [1, 1, 0]]
     write_parquet(tmp_path / "mh", "train", rows, multihot)
     (tmp_path / "mh" / "classes.txt").write_text("\n".join(NAMES) + "\n")
-    src = open_hf_split(cfg(tmp_path / "mh", tmp_path, *over, "data.classes=classes.txt").data, "train")
+    src = open_hf_split(
+        cfg(tmp_path / "mh", tmp_path, *over, "data.classes=classes.txt").data, "train"
+    )
     assert src.names == NAMES and src.targets.tolist() == rows  # -1 (ignore) kept
     with pytest.raises(DataError, match="no column 'pixels'"):
-        open_hf_split(cfg(tmp_path / "mh", tmp_path, *over, "data.image_column=pixels").data, "train")
+        open_hf_split(
+            cfg(tmp_path / "mh", tmp_path, *over, "data.image_column=pixels").data, "train"
+        )
 
 
 def sha(x: torch.Tensor) -> str:
     return hashlib.sha1(bytes(x.numpy())).hexdigest()
 
 
-def test_streaming_ranks_cover_the_set_with_equal_steps_and_resume(tmp_path: Path) -> None:
-    feats = datasets.Features({"img": datasets.Image(), "tags": datasets.Sequence(datasets.ClassLabel(names=NAMES))})
+def test_streaming_ranks_cover_the_set_with_equal_steps_and_resume(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # datasets sleeps 5 s after each pass over a parquet stream (a guard for an Arrow thread
+    # shutdown issue); negligible per epoch of a real set, 40 s over this test's passes
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    feats = datasets.Features(
+        {"img": datasets.Image(), "tags": datasets.Sequence(datasets.ClassLabel(names=NAMES))}
+    )
     write_parquet(tmp_path / "pq", "train", label_ids(11, 3), feats)
     write_parquet(tmp_path / "pq", "validation", label_ids(5, 4), feats)
     c = cfg(tmp_path / "pq", tmp_path, "data.image_column=img", "data.label_column=tags",
@@ -121,7 +137,9 @@ def test_streaming_ranks_cover_the_set_with_equal_steps_and_resume(tmp_path: Pat
     assert len(every) == 11
     seen, lengths = set(), []
     for rank in (0, 1):
-        s = HFStreamSet(src, None, None, True, batch_size=2, seed=5, world_size=2, rank=rank, raw_bytes=True)
+        s = HFStreamSet(
+            src, None, None, True, batch_size=2, seed=5, world_size=2, rank=rank, raw_bytes=True
+        )
         s.set_epoch(1)
         items = [sha(x) for x, _ in s]
         lengths.append(len(items))
