@@ -207,6 +207,10 @@ def test_truncated_and_corrupt_shards_are_named_and_skipped(tmp_path: Path) -> N
     cut = shards / "shard-000001.tar"
     cut.write_bytes(cut.read_bytes()[: 5 * 1024])  # mid-member: later samples lost
     index = open_shards(str(shards))
+    over = ["data.format=wds", f"data.train={shards}", f"data.val={shards}"]
+    assert cli_main(["data", "check", "demo", *over]) == 1  # size/SHA-256 and read checked
+    assert cli_main(["data", "check", "demo", "data.format=wds", f"data.train={shards}/shard-{{000000..000000}}.tar",
+                     f"data.val={shards}/shard-{{000002..000004}}.tar"]) == 0  # fmt: skip
     only_cut = open_shards(f"{shards}/shard-{{000001..000001}}.tar")
     with pytest.raises(
         DataError, match=r"shard-000001\.tar: truncated or corrupt shard .*index says"

@@ -246,6 +246,18 @@ def cmd_data(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     if args.action == "pack":
         return _pack(cfg, args)
+    if args.action == "check" and cfg.data.format == "wds":
+        from mlic.data.wds import open_shards, verify_shards
+
+        problems = []
+        for split in (cfg.data.train, cfg.data.val):
+            index = open_shards(split)
+            found = verify_shards(index)
+            print(f"{split}: {len(index.shards)} shards, {index.num_samples} samples, "
+                  f"{len(found)} problem(s)")  # fmt: skip
+            problems += found
+        print("\n".join(problems))
+        return 1 if problems else 0
     full = not args.fast
     if args.action == "check":
         report = data_check(cfg, full=full, workers=args.workers, progress=not args.quiet)

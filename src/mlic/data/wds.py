@@ -72,6 +72,7 @@ __all__ = [
     "open_shards",
     "pack_shards",
     "parse_size",
+    "verify_shards",
 ]
 
 log = logging.getLogger("mlic")
@@ -623,3 +624,25 @@ class ShardEvalSet(_ShardReader):
                     self._bad(str(e))
                     continue
                 yield self._transform(img, None), target
+
+
+def verify_shards(index: ShardIndex) -> list[str]:
+    """One line per problem: a local shard whose size or SHA-256 differs from the index, or
+    whose tar does not deliver every sample the index lists (remote shards: the read only)."""
+    problems = []
+    for shard in index.shards:
+        if not _is_url(shard.url):
+            path = Path(shard.url)
+            if not path.exists():
+                problems.append(f"{shard.name}: missing ({path})")
+                continue
+            if shard.sha256 and _sha256(path) != shard.sha256:
+                problems.append(
+                    f"{shard.name}: SHA-256 differs from the index{_truncation_hint(shard)}"
+                )
+        bad = next(
+            (problem for _, _, members, problem in _read_positions(shard) if members is None), None
+        )
+        if bad:
+            problems.append(bad)
+    return problems
