@@ -178,12 +178,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from mlic.evaluate import resolve_target
-    from mlic.export import export_checkpoint
+    from mlic.export import SUFFIXES, export_checkpoint
+    from mlic.hub import is_hub_id
 
     if args.int8 and args.format != "onnx":  # before the export, not after it
         raise ConfigError("--int8 applies to --format onnx")
     ckpt, _ = resolve_target(args.checkpoint)
     output = Path(args.output) if args.output else None  # default: beside the checkpoint
+    if output is None and is_hub_id(args.checkpoint):  # not into the Hugging Face cache
+        output = Path(args.checkpoint.rsplit("/", 1)[-1].split("@")[0] + SUFFIXES[args.format])
     result = export_checkpoint(ckpt, output, format=args.format, image_size=args.image_size)
     print(
         f"exported {args.format} to {result.path}; max |p_export - p_eager| = {result.max_abs_diff:.2e}"
@@ -226,6 +229,21 @@ def _quantize(ckpt: Path, onnx_path: Path, args: argparse.Namespace) -> Path:
         [tf(load_image(p, draft_size=size)) for p in images[: args.calibration_images]]
     )
     return quantize_onnx_int8(onnx_path, onnx_path.with_suffix(".int8.onnx"), batch)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """``mlic push RUN_DIR REPO_ID`` uploads; ``mlic push --dry-run RUN_DIR OUT_DIR`` writes the
+    folder it would upload (model.safetensors, config.json, config.yaml, README.md)."""
+    from mlic.hub import push_run
+
+    if args.dry_run:
+        repo_id = args.repo_id or f"ORG/{Path(args.run_dir).resolve().name}"
+        where = push_run(args.run_dir, repo_id, license=args.license, dry_run=args.target)
+        print(f"wrote the folder `mlic push` would upload as {repo_id} to {where}")
+        return 0
+    url = push_run(args.run_dir, args.target, private=args.private, license=args.license)
+    print(f"pushed {args.run_dir} to {url}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -273,6 +291,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     from mlic.data.check import data_check, write_stats
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if args.action == "pack":
+        return _pack(cfg, args)
+    if args.action == "check" and cfg.data.format == "wds":
+        from mlic.data.wds import open_shards, verify_shards
+
+        problems = []
+        for split in (cfg.data.train, cfg.data.val):
+            index = open_shards(split)
+            found = verify_shards(index)
+            print(f"{split}: {len(index.shards)} shards, {index.num_samples} samples, "
+                  f"{len(found)} problem(s)")  # fmt: skip
+            problems += found
+        print("\n".join(problems))
+        return 1 if problems else 0
     full = not args.fast
     if args.action == "check":
         report = data_check(cfg, full=full, workers=args.workers, progress=not args.quiet)
@@ -282,6 +314,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     _, summary, report = write_stats(cfg, output, full=full, workers=args.workers)
     print(summary)
     return 1 if report.num_problems else 0
+
+
+def _pack(cfg, args: argparse.Namespace) -> int:
+    """``mlic data pack CONFIG --split train --out DIR``: WebDataset shards + dataset.json."""
+    from mlic.data.dataset import load_split
+    from mlic.data.wds import pack_shards
+
+    if not args.out:
+        raise ConfigError("mlic data pack needs --out DIR (the folder for the shards)")
+    t0 = time.perf_counter()
+    train_names = None
+    if args.split == "val":  # the val split in the training split's class order
+        train_names = load_split(cfg.data, "train").names
+    ann = load_split(cfg.data, args.split, class_names=train_names)
+    index = pack_shards(ann, args.out, shard_size=args.shard_size,
+                        max_samples_per_shard=args.samples_per_shard, seed=args.seed,
+                        progress=not args.quiet)  # fmt: skip
+    secs = time.perf_counter() - t0
+    size = sum(s["bytes"] for s in index["shards"])
+    print(f"{index['num_samples']} samples in {len(index['shards'])} shards ({size / 1e6:.1f} MB) "
+          f"in {args.out}; {secs:.1f} s ({1000 * secs / max(index['num_samples'], 1):.2f} s per 1,000 images)")  # fmt: skip
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -340,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "eval", help="evaluate a run folder or checkpoint; writes metrics + report.md"
     )
-    s.add_argument("target", help="run folder (uses its config) or .safetensors checkpoint")
+    s.add_argument(
+        "target", help="run folder (uses its config), .safetensors checkpoint or hf-hub:ORG/NAME"
+    )
     s.add_argument(
         "overrides", nargs="*", help="data.* overrides, e.g. data.format=voc data.root=..."
     )
@@ -358,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="predict labels for image files, folders or globs")
-    s.add_argument("checkpoint", help=".safetensors checkpoint or run folder")
+    s.add_argument("checkpoint", help=".safetensors checkpoint, run folder or hf-hub:ORG/NAME")
     s.add_argument("inputs", nargs="+", help="image files, folders (recursive) or globs")
     s.add_argument(
         "--threshold",
@@ -380,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "export", help="export a checkpoint to ONNX, TorchScript or an ExportedProgram"
     )
-    s.add_argument("checkpoint", help=".safetensors checkpoint or run folder")
+    s.add_argument("checkpoint", help=".safetensors checkpoint, run folder or hf-hub:ORG/NAME")
     s.add_argument("--format", choices=["onnx", "torchscript", "exported-program"], default="onnx")
     s.add_argument("--output", help="output file (default: beside the checkpoint)")
     s.add_argument("--image-size", type=IMAGE_SIZE, help="input size (default: the checkpoint's)")
@@ -393,18 +449,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-images", type=POSITIVE_INT, default=32)
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("data", help="check a data config's images and annotations, or describe it")
+    s = sub.add_parser("data", help="check a data config's images and annotations, describe it, "
+                       "or pack it into WebDataset shards")  # fmt: skip
     s.add_argument(
-        "action", choices=["check", "stats"], help="check: list every broken image; "
-        "stats: also write stats.md, class_frequency.png, cooccurrence.png"
+        "action", choices=["check", "stats", "pack"], help="check: list every broken image; "
+        "stats: also write stats.md, class_frequency.png, cooccurrence.png; "
+        "pack: write one split as WebDataset tar shards + dataset.json (--out)"
     )  # fmt: skip
     s.add_argument("config", help="YAML path or shipped recipe name (its data.* section is used)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=...")
     s.add_argument("--fast", action="store_true", help="read image headers only (no decode)")
     s.add_argument("--workers", type=POSITIVE_INT, help="checking threads (default: CPU count)")
     s.add_argument("--output", help="stats: output folder (default: <run.output_dir>/data-stats)")
+    s.add_argument("--split", default="train", choices=["train", "val"], help="pack: which split")
+    s.add_argument("--out", help="pack: folder for the shards and dataset.json")
+    s.add_argument("--shard-size", default="1GB", help="pack: bytes per shard (1GB, 500MB, ...)")
+    s.add_argument("--samples-per-shard", type=int, help="pack: also cap samples per shard")
+    s.add_argument("--seed", type=int, default=0, help="pack: seed of the sample order")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_data)
+
+    s = sub.add_parser(
+        "push", help="upload a run's best checkpoint + model card to the Hugging Face Hub"
+    )
+    s.add_argument("run_dir", help="run folder (best.safetensors, config.yaml, ...)")
+    s.add_argument("target", metavar="REPO_ID|OUT_DIR", help="ORG/NAME; with --dry-run: a folder")
+    s.add_argument("--private", action="store_true", help="create the repository as private")
+    s.add_argument("--license", default="other", help="licence field of the model card")
+    s.add_argument("--dry-run", action="store_true", help="only write the folder to OUT_DIR")
+    s.add_argument("--repo-id", help="--dry-run: the ORG/NAME the card names")
+    s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("bench", help="training/inference speed, latency, memory, FLOP utilisation")
     s.add_argument("model")

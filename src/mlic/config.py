@@ -56,6 +56,18 @@ class DataConfig:
       ``<ImageID>.jpg``, ``classes`` = a class-descriptions CSV (``LabelName,DisplayName``;
       default: the label names seen in the training file).
     - ``demo``: the generated demo set under ``root``, generated when absent.
+    - ``wds``: WebDataset tar shards written by ``mlic data pack`` (see :mod:`mlic.data.wds`):
+      ``train``/``val`` = a shard folder (holding ``dataset.json``), a brace pattern
+      (``/data/coco-train/shard-{000000..000127}.tar``) or an ``https://`` / ``s3://`` URL
+      pattern, streamed; ``index`` = where the training shards' ``dataset.json`` is when it
+      is not beside them. ``root`` is ignored. Each rank reads its own shards; see the module docstring
+      for how ranks get equal step counts and how resume finds its place.
+    - ``hf``: a Hugging Face ``datasets`` set (see :mod:`mlic.data.hf`): ``root`` = a
+      ``save_to_disk`` folder, a folder/glob of parquet files, or (online) a Hub dataset id;
+      ``train``/``val`` = split names; ``image_column`` and ``label_column`` name the columns
+      (labels: a list of class ids (``Sequence(ClassLabel)``), of class names, or a
+      multi-hot / 1,0,-1 vector); ``classes`` = optional class-name file;
+      ``streaming`` = read it as a stream (sets that do not fit on disk).
 
     ``image_check`` is what ``mlic train`` verifies of every image before training:
     ``fast`` (default: the file exists and its header is a readable image of acceptable
@@ -107,6 +119,10 @@ class DataConfig:
     crop_max_distort: int = 2
     calibration: str = "holdout"  # holdout | val | none (see above)
     calibration_fraction: float = 0.1
+    index: str | None = None  # wds: dataset.json location when not beside the shards
+    image_column: str = "image"  # hf: the image column
+    label_column: str = "labels"  # hf: the label column
+    streaming: bool = False  # hf: stream the set instead of reading it from disk
 
 
 @dataclass
@@ -196,7 +212,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "data.format": ("voc", "coco", "csv", "demo", "vg500", "nuswide", "openimages"),
+    "data.format": ("voc", "coco", "csv", "demo", "vg500", "nuswide", "openimages", "wds", "hf"),
     "loss.name": ("bce", "asl", "focal"),
     "optim.name": ("adamw", "sgd"),
     "schedule.name": ("cosine", "onecycle", "constant"),

@@ -10,6 +10,7 @@ import numpy as np
 
 from mlic.config import load_config
 from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader, load_split
+from mlic.data.sources import STREAM_FORMATS
 from mlic.data.transforms import build_transform
 from mlic.engine.checkpoint import load_checkpoint, update_metadata
 from mlic.engine.trainer import evaluate, resolve_device, uint8_batch_to_device
@@ -21,7 +22,12 @@ __all__ = ["evaluate_checkpoint", "resolve_target"]
 
 
 def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
-    """``(checkpoint, run config or None)`` for a run folder or a checkpoint path."""
+    """``(checkpoint, run config or None)`` for a run folder, a checkpoint path or an
+    ``hf-hub:ORG/NAME`` repository (its ``model.safetensors`` and ``config.yaml``)."""
+    from mlic.hub import is_hub_id, resolve_checkpoint, resolve_hub_file
+
+    if is_hub_id(target):
+        return resolve_checkpoint(target), resolve_hub_file(str(target), "config.yaml", False)
     t = Path(target)
     if t.is_dir():
         ckpt = t / "best.safetensors"
@@ -47,18 +53,33 @@ def evaluate_checkpoint(
     ``tune_thresholds``: choose per-class thresholds maximising each class's F1 on this split
     and store them in the checkpoint's metadata (``mlic predict`` then uses them).
     """
+    from mlic.hub import is_hub_id
+
+    hub = is_hub_id(target)
+    if hub and tune_thresholds:
+        raise ConfigError(
+            f"{target}: --tune-thresholds writes into the checkpoint; evaluate a local copy"
+        )
     ckpt, run_cfg = resolve_target(target)
     cfg = load_config(run_cfg, overrides)
     model, meta = load_checkpoint(ckpt)
     device = resolve_device(cfg.train.device)
     model.to(device)
     names = list(meta["label_names"])
-    ann = load_split(cfg.data, split, class_names=names)
     size = int(meta["input_size"][-1])
     tf = build_transform(size, meta["mean"], meta["std"], train=False, normalize=False)
-    ds = MultiLabelDataset(ann, tf, draft_size=size)  # uint8 batches, normalised on the device
-    loader = build_loader(ds, cfg.data.eval_batch_size or cfg.data.batch_size,
-                          SeededSampler(len(ds), shuffle=False, pad=False), cfg.data.workers)  # fmt: skip
+    batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+    images: list[Path] = []  # for the report's thumbnails; shards / HF sets have no files
+    if cfg.data.format in STREAM_FORMATS:
+        from mlic.data.sources import open_eval_source
+
+        loader, _ = open_eval_source(cfg.data, split, names, tf, size, batch_size, cfg.data.workers)
+    else:
+        ann = load_split(cfg.data, split, class_names=names)
+        images = ann.images
+        ds = MultiLabelDataset(ann, tf, draft_size=size)  # uint8 batches, normalised on the device
+        loader = build_loader(ds, batch_size, SeededSampler(len(ds), shuffle=False, pad=False),
+                              cfg.data.workers)  # fmt: skip
     prepare = uint8_batch_to_device(meta["mean"], meta["std"], device, channels_last=False)
     results, per_class, scores, targets = evaluate(model, loader, device, amp=cfg.train.amp,
                                                    progress=cfg.run.progress, prepare=prepare)  # fmt: skip
@@ -81,12 +102,17 @@ def evaluate_checkpoint(
     elif thresholds is not None:
         cal = multilabel_metrics(scores, targets, threshold=thresholds)
         results = {**results, **{f"cal_{k}": v for k, v in cal.items() if k != "mAP"}}
-    out = Path(output) if output else ckpt.parent / f"eval-{split}"
+    default = (
+        Path(f"eval-{str(target).rsplit('/', 1)[-1]}-{split}")
+        if hub
+        else ckpt.parent / f"eval-{split}"
+    )
+    out = Path(output) if output else default  # never inside the Hugging Face cache
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "checkpoint": str(ckpt),
         "split": split,
-        "num_images": len(ann),
+        "num_images": len(scores),
         "metrics": results,
         "per_class_ap": {
             n: (None if np.isnan(a) else float(a)) for n, a in zip(names, per_class, strict=True)
@@ -96,11 +122,11 @@ def evaluate_checkpoint(
     save_npy(out / "scores.npy", scores.astype(np.float32))
     from mlic.viz import write_report
 
-    sections = report_sections(out, names, scores, targets, ann.images, thresholds)
+    sections = report_sections(out, names, scores, targets, images, thresholds)
     report = write_report(
         out, title=f"{meta['model']} evaluated on {cfg.data.format} {split}", names=names,
         scores=scores, targets=targets, per_class_ap=per_class, results=results,
-        extra={"checkpoint": ckpt, "images": len(ann), "input size": size}, sections=sections,
+        extra={"checkpoint": ckpt, "images": len(scores), "input size": size}, sections=sections,
         thresholds=thresholds, thresholds_from=thresholds_from,
     )  # fmt: skip
     return {"metrics": results, "per_class_ap": per_class, "report": report, "output": out}
@@ -144,6 +170,8 @@ def report_sections(
 
     plot_cooccurrence(names, targets, out / "cooccurrence.png")
     sections = ["## Label co-occurrence (this split)", "", "![co-occurrence](cooccurrence.png)", ""]
+    if not images:  # no image files to show (shards, HF datasets)
+        return sections
     thr = np.full(len(names), 0.5) if thresholds is None else np.asarray(thresholds)
     fp = np.argwhere((targets == 0) & (scores >= thr))  # [n, 2] (image, class)
     fn = np.argwhere((targets == 1) & (scores < thr))

@@ -407,6 +407,11 @@ def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> An
             classes_csv=root / data_cfg.classes if data_cfg.classes else None,
             class_names=class_names,
         )
+    elif fmt in ("wds", "hf"):  # read by mlic.data.sources: there is no list of image files
+        raise DataError(
+            f"data.format={fmt} has no list of image files; train and eval read it directly, "
+            "commands that check or list image files do not apply"
+        )
     else:  # config validation lists the allowed formats
         raise DataError(f"data.format={fmt!r} is not supported")
     _check_unique_images(ann)

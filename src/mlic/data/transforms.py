@@ -234,8 +234,9 @@ def decode_image(
     as a tensor, with libjpeg-turbo's direct path for plain RGB/greyscale JPEGs.
 
     The tensor is a channels-last (HWC) view, the layout torchvision's uint8 resize kernels
-    are fastest on. ``data``: the file's bytes, already read. Raises DataError naming the
-    file, as :func:`load_image` does.
+    are fastest on. Raises DataError naming the file, as :func:`load_image` does.
+    ``data``: the encoded bytes, already in memory (a shard member, a dataset cell); ``path``
+    then only names the image in errors.
     """
     path = Path(path)
     if data is None:

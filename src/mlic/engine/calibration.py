@@ -25,7 +25,7 @@ from mlic.data import Annotations
 from mlic.errors import DataError
 from mlic.metrics import best_f1_thresholds, multilabel_metrics
 
-__all__ = ["CalibrationPlan", "split_calibration", "calibrated_metrics"]
+__all__ = ["CalibrationPlan", "split_calibration", "stream_calibration", "calibrated_metrics"]
 
 
 @dataclass
@@ -73,6 +73,20 @@ def split_calibration(
         f"data.calibration_fraction={fraction})"
     )
     return kept, CalibrationPlan("holdout", holdout=holdout, source=source)
+
+
+def stream_calibration(mode: str) -> CalibrationPlan:
+    """The plan for streamed sources (WebDataset shards, Hugging Face datasets), which cannot
+    hold images out of a split they only stream: ``val`` works as for files; ``holdout``
+    falls back to none (pack a calibration split and use it as val, with
+    ``data.calibration=val``)."""
+    if mode == "val":
+        return CalibrationPlan("val", source="the validation split (data.calibration=val)")
+    return CalibrationPlan(
+        "none",
+        source="none (streamed data cannot hold images out; use data.calibration=val on a "
+        "split that is not the reported one)",
+    )
 
 
 def calibrated_metrics(

@@ -216,10 +216,14 @@ def validate_metadata(meta: dict[str, Any], where: str, label_count: bool = True
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model named in the metadata and load its tensors strictly."""
+    """Rebuild the model named in the metadata and load its tensors strictly.
+
+    ``path``: a ``.safetensors`` file or ``hf-hub:ORG/NAME`` (see :mod:`mlic.hub`).
+    """
+    from mlic.hub import resolve_checkpoint
     from mlic.models.registry import create_model, is_model
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     meta = read_metadata(path)
     if not is_model(meta["model"]):
         raise CheckpointError(f"{path}: unknown model {meta['model']!r} in metadata")

@@ -42,9 +42,10 @@ from mlic.data.dataset import (
     load_split,
 )
 from mlic.data.labels import LabelSet
+from mlic.data.sources import STREAM_FORMATS, build_source_loaders, open_sources
 from mlic.data.transforms import ToNormalizedFloat, build_transform
 from mlic.engine import distributed as dist_utils
-from mlic.engine.calibration import calibrated_metrics, split_calibration
+from mlic.engine.calibration import calibrated_metrics, split_calibration, stream_calibration
 from mlic.engine.checkpoint import (
     load_resume,
     load_state_strict,
@@ -144,13 +145,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_labels(train_ann: Annotations, word_vectors: str) -> LabelSet:
+def build_labels(train_ann: Annotations | LabelSet, word_vectors: str) -> LabelSet:
     """LabelSet of the training split, with word vectors when they can be had.
 
     ``glove``: the shipped VOC/COCO vectors matched by name; classes they do not cover fall
     back to learnable embeddings (a warning says which). A ``.npy`` path must match.
     """
-    labels = LabelSet.from_targets(train_ann.names, train_ann.targets)
+    if isinstance(train_ann, LabelSet):  # shards / HF datasets: statistics from their index
+        labels = train_ann
+    else:
+        labels = LabelSet.from_targets(train_ann.names, train_ann.targets)
     if word_vectors == "glove":
         try:
             labels.with_word_vectors("glove")
@@ -417,18 +421,21 @@ def _fingerprint(ann: Annotations) -> str:
 
 
 def _run_signature(
-    cfg: Config, labels: LabelSet, train_ann: Annotations, val_ann: Annotations
+    cfg: Config, labels: LabelSet, train_ann: Annotations | None, val_ann: Annotations | None
 ) -> dict[str, Any]:
-    """What a resume must find unchanged: label set, model, and the data of both splits."""
-    return {
+    """What a resume must find unchanged: label set, model, and the data of both splits
+    (for streamed sources, ``None`` splits: the label set and model only; the shard index
+    and its checksums stand for the data)."""
+    signature = {
         "label_names": list(labels.names),
         "model": f"{cfg.model.name}/{cfg.model.backbone}",
         "model_kwargs": json.dumps(dict(cfg.model.kwargs), sort_keys=True, default=str),
-        "train_images": len(train_ann),
-        "train_data": _fingerprint(train_ann),
-        "val_images": len(val_ann),
-        "val_data": _fingerprint(val_ann),
     }
+    for split, ann in (("train", train_ann), ("val", val_ann)):
+        if ann is not None:
+            signature[f"{split}_images"] = len(ann)
+            signature[f"{split}_data"] = _fingerprint(ann)
+    return signature
 
 
 def _label_diff(saved: list[str], now: list[str]) -> str:
@@ -463,7 +470,7 @@ def _check_resume_matches(run_dir: Path, saved: dict[str, Any] | None, now: dict
         if key in saved and saved[key] != now[key]:
             diffs.append(f"{what}: saved {saved[key]}, now {now[key]}")
     for split in ("train", "val"):
-        if f"{split}_data" in saved and saved[f"{split}_data"] != now[f"{split}_data"]:
+        if f"{split}_data" in saved and saved[f"{split}_data"] != now.get(f"{split}_data"):
             diffs.append(
                 f"{split} data: saved {saved[f'{split}_images']} images, now "
                 f"{now[f'{split}_images']} (image list or labels changed)"
@@ -558,22 +565,29 @@ def train(
         log.setLevel(logging.WARNING)
 
     # --- data
-    train_ann = load_split(cfg.data, "train")
-    val_ann = load_split(cfg.data, "val", class_names=train_ann.names)
-    # log annotation warnings; check images (data.image_check); stop, or skip and list them
-    from mlic.data.check import screen_splits
-
-    _require_images({"train": train_ann, "val": val_ann}, cfg.train.max_steps_per_epoch)
+    sources = None
     skipped_at_start: list[str] = []  # written to the run folder once everything is valid
-    checked = screen_splits({"train": train_ann, "val": val_ann}, cfg.data, None, dist.is_main,
-                            skipped=skipped_at_start)  # fmt: skip
-    train_ann, val_ann = checked["train"], checked["val"]
-    train_ann, calibration = split_calibration(
-        train_ann, cfg.data.calibration, cfg.data.calibration_fraction, cfg.train.seed
-    )
+    if cfg.data.format in STREAM_FORMATS:  # shards / HF datasets: statistics from their index
+        sources = open_sources(cfg.data)
+        labels = build_labels(sources[0].label_set(), cfg.model.word_vectors)
+        calibration = stream_calibration(cfg.data.calibration)
+        signature = _run_signature(cfg, labels, None, None)
+    else:
+        train_ann = load_split(cfg.data, "train")
+        val_ann = load_split(cfg.data, "val", class_names=train_ann.names)
+        # log annotation warnings; check images (data.image_check); stop, or skip and list them
+        from mlic.data.check import screen_splits
+
+        _require_images({"train": train_ann, "val": val_ann}, cfg.train.max_steps_per_epoch)
+        checked = screen_splits({"train": train_ann, "val": val_ann}, cfg.data, None,
+                                dist.is_main, skipped=skipped_at_start)  # fmt: skip
+        train_ann, val_ann = checked["train"], checked["val"]
+        train_ann, calibration = split_calibration(
+            train_ann, cfg.data.calibration, cfg.data.calibration_fraction, cfg.train.seed
+        )
+        labels = build_labels(train_ann, cfg.model.word_vectors)
+        signature = _run_signature(cfg, labels, train_ann, val_ann)
     log.info("decision thresholds calibrated on %s", calibration.source)
-    labels = build_labels(train_ann, cfg.model.word_vectors)
-    signature = _run_signature(cfg, labels, train_ann, val_ann)
     if resume_state is not None:
         _check_resume_matches(run_dir, resume_state.get("signature"), signature)
     no_pos = [n for n, c in zip(labels.names, labels.counts, strict=True) if c == 0]
@@ -605,38 +619,45 @@ def train(
     eval_tf = build_transform(size, dcfg["mean"], dcfg["std"], False, normalize=False)
     raw = d.gpu_decode  # encoded files to the device, decoded there a batch at a time
     skip = d.skip_bad_images  # a file that breaks mid-run is skipped and counted, not fatal
-    train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size, raw_bytes=raw, skip_bad=skip)
-    val_ds = MultiLabelDataset(val_ann, eval_tf, draft_size=size, raw_bytes=raw, skip_bad=skip)
     norm = (dcfg["mean"], dcfg["std"])
     if raw:
         train_prepare = lambda b: decode_batch(b, size, *norm, device, hflip=d.hflip)  # noqa: E731
         eval_prepare = lambda b: decode_batch(b, size, *norm, device)  # noqa: E731
     else:
         train_prepare = eval_prepare = uint8_batch_to_device(*norm, device, cfg.train.channels_last)
-    train_sampler = SeededSampler(
-        len(train_ds), True, cfg.train.seed, dist.world_size, dist.rank, pad=True
-    )
-    val_sampler = SeededSampler(
-        len(val_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
-    )
     pin = device.type == "cuda" and not raw  # encoded batches keep their file names unpinned
-    train_loader = build_loader(
-        train_ds, d.batch_size, train_sampler, d.workers, drop_last=False, pin_memory=pin
-    )
-    val_loader = build_loader(
-        val_ds, d.eval_batch_size or d.batch_size, val_sampler, d.workers, pin_memory=pin
-    )
     calib_loader = None
-    if calibration.holdout is not None:
-        calib_ds = MultiLabelDataset(
-            calibration.holdout, eval_tf, draft_size=size, raw_bytes=raw, skip_bad=skip
+    if sources is not None:  # len(train_ds) global samples/epoch; train_sampler.set_epoch()
+        train_ds, train_sampler, train_loader, val_loader = build_source_loaders(
+            *sources, d, train_tf, eval_tf, size, cfg.train.seed, dist.world_size, dist.rank,
+            pin, run_dir,
+        )  # fmt: skip
+    else:
+        train_ds = MultiLabelDataset(train_ann, train_tf, draft_size=size, raw_bytes=raw,
+                                     skip_bad=skip)  # fmt: skip
+        val_ds = MultiLabelDataset(val_ann, eval_tf, draft_size=size, raw_bytes=raw, skip_bad=skip)
+        train_sampler = SeededSampler(
+            len(train_ds), True, cfg.train.seed, dist.world_size, dist.rank, pad=True
         )
-        calib_sampler = SeededSampler(
-            len(calib_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
+        val_sampler = SeededSampler(
+            len(val_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
         )
-        calib_loader = build_loader(
-            calib_ds, d.eval_batch_size or d.batch_size, calib_sampler, 0, pin_memory=pin
+        train_loader = build_loader(
+            train_ds, d.batch_size, train_sampler, d.workers, drop_last=False, pin_memory=pin
         )
+        val_loader = build_loader(
+            val_ds, d.eval_batch_size or d.batch_size, val_sampler, d.workers, pin_memory=pin
+        )
+        if calibration.holdout is not None:
+            calib_ds = MultiLabelDataset(
+                calibration.holdout, eval_tf, draft_size=size, raw_bytes=raw, skip_bad=skip
+            )
+            calib_sampler = SeededSampler(
+                len(calib_ds), False, cfg.train.seed, dist.world_size, dist.rank, pad=False
+            )
+            calib_loader = build_loader(
+                calib_ds, d.eval_batch_size or d.batch_size, calib_sampler, 0, pin_memory=pin
+            )
     batches_per_epoch = math.ceil(len(train_ds) / (d.batch_size * dist.world_size))
     if cfg.train.max_steps_per_epoch:
         batches_per_epoch = min(
