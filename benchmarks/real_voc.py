@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/real-voc")
     ap.add_argument("--json", help="also write every run's result here")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    ap.add_argument(
+        "--report-only", action="store_true", help="tabulate the finished runs, train nothing"
+    )
     args = ap.parse_args()
     if not Path(args.root, "ImageSets", "Main", "train.txt").exists():
         raise SystemExit(f"{args.root}: not a VOC2007 folder with ImageSets/Main/train.txt")
@@ -160,6 +163,11 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {}
     t_start = time.perf_counter()
     for i, (model, seed) in enumerate(jobs):
+        if args.report_only:
+            done = Path(args.out) / f"{model}-{args.backbone}-{args.image_size}-s{seed}/result.json"
+            if done.exists():
+                results.setdefault(model, []).append(json.loads(done.read_text()))
+            continue
         elapsed = time.perf_counter() - t_start
         eta = f", about {elapsed / i * (len(jobs) - i) / 60:.0f} min left" if i else ""
         print(f"[{i + 1}/{len(jobs)}] {model} seed {seed}{eta}", flush=True)

@@ -582,11 +582,12 @@ def train(
         checked = screen_splits({"train": train_ann, "val": val_ann}, cfg.data, None,
                                 dist.is_main, skipped=skipped_at_start)  # fmt: skip
         train_ann, val_ann = checked["train"], checked["val"]
+        whole_train = train_ann  # the split as the user gave it, for the resume check
         train_ann, calibration = split_calibration(
             train_ann, cfg.data.calibration, cfg.data.calibration_fraction, cfg.train.seed
         )
         labels = build_labels(train_ann, cfg.model.word_vectors)
-        signature = _run_signature(cfg, labels, train_ann, val_ann)
+        signature = _run_signature(cfg, labels, whole_train, val_ann)
     log.info("decision thresholds calibrated on %s", calibration.source)
     if resume_state is not None:
         _check_resume_matches(run_dir, resume_state.get("signature"), signature)
