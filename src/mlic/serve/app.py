@@ -614,7 +614,7 @@ def _install_sigterm(server: ls.LitServer, config: ServeConfig) -> None:
         deadline = time.monotonic() + config.drain_timeout_s
         while rt.inflight.value > 0 and time.monotonic() < deadline:
             time.sleep(0.02)
-        log.info("mlic serve: drained, stopping")
+        print("mlic serve: drained, stopping", flush=True)
         event = getattr(server, "_shutdown_event", None)
         if event is not None:
             event.set()
