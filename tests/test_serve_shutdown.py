@@ -71,7 +71,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(guarded: Served) -> None:
     # Send SIGTERM once the request has been admitted (it shows in the queue depth).
     import time
 
-    while "mlic_queue_depth 1.0" not in httpx.get(guarded.url + "/metrics", headers=AUTH).text:
+    for _ in range(500):
+        if "mlic_queue_depth 1.0" in httpx.get(guarded.url + "/metrics", headers=AUTH).text:
+            break
         time.sleep(0.02)
     guarded.proc.send_signal(signal.SIGTERM)
     t.join()
