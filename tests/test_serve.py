@@ -35,7 +35,9 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG header claiming width x height 1-bit pixels, with one tiny IDAT chunk."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (width // 8 + 1) * 16)
@@ -58,9 +60,16 @@ def photo_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [*paths, root / "alpha.png", root / "grey.png"]
 
 
-def test_answers_equal_mlic_predict(served: Served, photo_files: list[Path], tmp_path: Path) -> None:
+def test_answers_equal_mlic_predict(
+    served: Served, photo_files: list[Path], tmp_path: Path
+) -> None:
     out = tmp_path / "pred.jsonl"
-    assert main(["predict", str(served.checkpoint), *map(str, photo_files), "--output", str(out), "-q"]) == 0
+    assert (
+        main(
+            ["predict", str(served.checkpoint), *map(str, photo_files), "--output", str(out), "-q"]
+        )
+        == 0
+    )
     expected = [json.loads(line) for line in out.read_text().splitlines()]
     r = post(served, [(p.name, p.read_bytes()) for p in photo_files], scores="all")
     assert r.status_code == 200, r.text
@@ -162,13 +171,30 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served: Served) -> No
         "bomb": (post(served, [("bomb.png", png_bomb())]), 413, "pixels"),
         "too big": (post(served, [("big.jpg", jpg + b"\0" * (2 << 20))]), 413, "upload limit"),
         "wrong field": (post(served, [("a.jpg", jpg)], field="file"), 400, "'file'"),
-        "no image": (httpx.post(served.url + "/v1/predict", files={"top_k": (None, "1")}), 400, "no image"),
+        "no image": (
+            httpx.post(served.url + "/v1/predict", files={"top_k": (None, "1")}),
+            400,
+            "no image",
+        ),
         "100 images": (post(served, [(f"{i}.jpg", jpg) for i in range(100)]), 413, "100 images"),
         "bad option": (post(served, [("a.jpg", jpg)], threshold="2"), 422, "threshold"),
-        "bad base64": (httpx.post(served.url + "/v1/predict", json={"images": ["%%%"]}), 422, "base64"),
-        "no images key": (httpx.post(served.url + "/v1/predict", json={"image": "x"}), 400, "'images'"),
-        "raw body": (httpx.post(served.url + "/v1/predict", content=jpg,
-                                headers={"content-type": "image/jpeg"}), 415, "content type"),  # fmt: skip
+        "bad base64": (
+            httpx.post(served.url + "/v1/predict", json={"images": ["%%%"]}),
+            422,
+            "base64",
+        ),
+        "no images key": (
+            httpx.post(served.url + "/v1/predict", json={"image": "x"}),
+            400,
+            "'images'",
+        ),
+        "raw body": (
+            httpx.post(
+                served.url + "/v1/predict", content=jpg, headers={"content-type": "image/jpeg"}
+            ),
+            415,
+            "content type",
+        ),  # fmt: skip
     }
     for what, (r, status, needle) in cases.items():
         assert r.status_code == status, (what, r.text)

@@ -59,7 +59,10 @@ def test_page_predicts_a_photograph_and_shows_a_heatmap(
     browser.find_element(By.ID, "file").send_keys(str(photo))
     rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#labels li"), what="bars")
     assert sorted(r.get_attribute("data-label") for r in rows) == sorted(NAMES)
-    on = [r.get_attribute("data-label") for r in browser.find_elements(By.CSS_SELECTOR, "#labels li.on")]
+    on = [
+        r.get_attribute("data-label")
+        for r in browser.find_elements(By.CSS_SELECTOR, "#labels li.on")
+    ]
     assert on[0] == "dog" and "cat" not in on  # the controlled model's answer
     assert "dog" in browser.find_element(By.ID, "status").text
     # the heat map of the chosen label is drawn over the photo: a loaded image of real size

@@ -327,7 +327,9 @@ class MlicAPI(ls.LitAPI):
         if not token:
             return
         sent = request.headers.get("authorization", "")
-        if not (sent.startswith("Bearer ") and hmac.compare_digest(sent[7:].encode(), token.encode())):
+        if not (
+            sent.startswith("Bearer ") and hmac.compare_digest(sent[7:].encode(), token.encode())
+        ):
             raise HTTPException(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
@@ -405,7 +407,11 @@ class MlicAPI(ls.LitAPI):
                 entry: dict[str, Any] = {
                     "name": im.name,
                     "labels": [
-                        {"label": n, "probability": pred.scores[n], "threshold": float(thr[index[n]])}
+                        {
+                            "label": n,
+                            "probability": pred.scores[n],
+                            "threshold": float(thr[index[n]]),
+                        }
                         for n in pred.labels
                     ],
                 }
@@ -436,7 +442,10 @@ PREDICT_OPENAPI = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        },
                         "threshold": {"type": "number"},
                         "top_k": {"type": "integer"},
                         "scores": {"type": "string", "enum": ["all", "labels"]},
@@ -464,8 +473,10 @@ PREDICT_OPENAPI = {
         },
     },
     "responses": {
-        "200": {"description": "per image: labels above threshold with probabilities; "
-                "optionally all scores and base64 PNG heat-map overlays"},  # fmt: skip
+        "200": {
+            "description": "per image: labels above threshold with probabilities; "
+            "optionally all scores and base64 PNG heat-map overlays"
+        },  # fmt: skip
         "400": {"description": "bad request (empty, truncated, wrong field), JSON detail"},
         "401": {"description": "bearer token missing or wrong"},
         "413": {"description": "file or request too large, too many images, too many pixels"},
@@ -528,12 +539,18 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     registry = CollectorRegistry()
     rt.metrics = {
         "registry": registry,
-        "requests": Counter("mlic_requests", "predict requests by status code", ["code"],
-                            registry=registry),  # fmt: skip
-        "errors": Counter("mlic_errors", "predict requests answered with an error (4xx/5xx)",
-                          registry=registry),  # fmt: skip
-        "latency": Histogram("mlic_request_latency_seconds", "predict request latency",
-                             buckets=LATENCY_BUCKETS, registry=registry),  # fmt: skip
+        "requests": Counter(
+            "mlic_requests", "predict requests by status code", ["code"], registry=registry
+        ),  # fmt: skip
+        "errors": Counter(
+            "mlic_errors", "predict requests answered with an error (4xx/5xx)", registry=registry
+        ),  # fmt: skip
+        "latency": Histogram(
+            "mlic_request_latency_seconds",
+            "predict request latency",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),  # fmt: skip
     }
     registry.register(_metrics_collector(rt))
     _RUNTIME = rt
@@ -549,7 +566,9 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     )
     app = server.app
     app.title = "mlic serve"
-    app.description = f"Multi-label image classification: {info['name']} ({len(info['labels'])} labels)"
+    app.description = (
+        f"Multi-label image classification: {info['name']} ({len(info['labels'])} labels)"
+    )
     # LitServe's own "/" says "litserve running"; the page takes its place.
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
     for route in app.router.routes:

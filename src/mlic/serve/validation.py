@@ -118,9 +118,7 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
                 422, f"option 'threshold' must be a number, got {str(raw['threshold'])[:40]!r}"
             ) from None
         if not 0.0 <= opts.threshold <= 1.0:
-            raise RequestError(
-                422, f"option 'threshold' must be in [0, 1], got {opts.threshold:g}"
-            )
+            raise RequestError(422, f"option 'threshold' must be in [0, 1], got {opts.threshold:g}")
     if raw.get("top_k") not in (None, ""):
         try:
             opts.top_k = int(raw["top_k"])
@@ -170,7 +168,8 @@ class ImagePreparer:
         if size > self.limits.max_upload_bytes:
             mb = self.limits.max_upload_bytes / 2**20
             raise RequestError(
-                413, f"{name}: {size:,} bytes is over the upload limit of {mb:g} MB (--max-upload-mb)"
+                413,
+                f"{name}: {size:,} bytes is over the upload limit of {mb:g} MB (--max-upload-mb)",
             )
 
     def prepare(self, name: str, data: bytes, keep_photo: bool) -> PreparedImage:
