@@ -74,8 +74,8 @@ def make_model(out: Path, backbone: str, size: int, classes: int) -> tuple[Path,
     return ckpt, onnx
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants, MiB (Linux /proc)."""
+def tree_memory_mb(pid: int) -> dict[str, float]:
+    """RSS and PSS (shared pages split between sharers) of ``pid`` and its descendants, MiB."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -84,17 +84,20 @@ def tree_rss_mb(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(d.name))
-    total, todo = 0, [pid]
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
         except OSError:
             pass
-    return total / 1024
+    return {"rss_mb": round(rss / 1024, 1), "pss_mb": round(pss / 1024, 1)}
 
 
 def free_port() -> int:
@@ -203,6 +206,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400, help="per run (bounded by --limit-s)")
     ap.add_argument("--limit-s", type=float, default=20.0, help="per run")
     ap.add_argument("--rss-requests", type=int, default=2000)
+    ap.add_argument("--rss-limit-s", type=float, default=300.0, help="time bound of the RSS run")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--backends", default="torch,onnxruntime")
@@ -231,12 +235,12 @@ def main() -> None:
                     results["runs"].append(run)
                     print(json.dumps(run), flush=True)
                 if backend == "torch" and batching and args.rss_requests:
-                    before = tree_rss_mb(proc.pid)
-                    run = asyncio.run(load(url, payloads, max(levels), args.rss_requests, 600))
-                    after = tree_rss_mb(proc.pid)
-                    results["rss"] = {"before_mb": round(before, 1), "after_mb": round(after, 1),
-                                      "requests": run["requests"], "errors": run["errors"],
-                                      "img_per_s": run["img_per_s"]}  # fmt: skip
+                    before = tree_memory_mb(proc.pid)
+                    run = asyncio.run(load(url, payloads, max(levels), args.rss_requests,
+                                           args.rss_limit_s))  # fmt: skip
+                    after = tree_memory_mb(proc.pid)
+                    results["rss"] = {"before": before, "after": after, "requests": run["requests"],
+                                      "errors": run["errors"], "img_per_s": run["img_per_s"]}  # fmt: skip
                     print(json.dumps(results["rss"]), flush=True)
             finally:
                 proc.terminate()
