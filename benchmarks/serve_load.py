@@ -228,7 +228,7 @@ def main() -> None:
             log = tmp / f"serve-{backend}-{batch}.log"
             proc, url = start_server(target, backend, batch, args.max_wait_ms, log)
             try:
-                asyncio.run(load(url, payloads, 4, 32, 30))  # warm-up
+                asyncio.run(load(url, payloads, 4, 16, 15))  # warm-up
                 for c in levels:
                     run = asyncio.run(load(url, payloads, c, args.requests, args.limit_s))
                     run.update(backend=backend, batching=batching)
