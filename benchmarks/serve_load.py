@@ -4,7 +4,7 @@ For each backend (eager PyTorch, ONNX Runtime) and dynamic batching on / off, on
 ``mlic serve`` process is started on 127.0.0.1; an asyncio client (httpx) then sends
 one-image multipart requests at concurrency 1, 8 and 32, each run bounded by a request
 count and a time limit. Reported per run: img/s, p50/p95/p99 latency, errors (4xx/5xx or
-transport failures). For the batched PyTorch server the RSS of the whole process tree
+transport failures). For each batched server the RSS and PSS of the whole process tree
 (main + HTTP + inference workers) is read before and after ``--rss-requests`` requests.
 The reference is ``mlic predict``'s code path (:func:`mlic.predict.run_predict`, batch 16)
 on the same JPEG files, in-process, model already loaded.
@@ -234,14 +234,23 @@ def main() -> None:
                     run.update(backend=backend, batching=batching)
                     results["runs"].append(run)
                     print(json.dumps(run), flush=True)
-                if backend == "torch" and batching and args.rss_requests:
-                    before = tree_memory_mb(proc.pid)
-                    run = asyncio.run(load(url, payloads, max(levels), args.rss_requests,
-                                           args.rss_limit_s))  # fmt: skip
-                    after = tree_memory_mb(proc.pid)
-                    results["rss"] = {"before": before, "after": after, "requests": run["requests"],
-                                      "errors": run["errors"], "img_per_s": run["img_per_s"]}  # fmt: skip
-                    print(json.dumps(results["rss"]), flush=True)
+                if batching and args.rss_requests:
+                    # Memory before and after --rss-requests more requests, sampled at each
+                    # quarter (a plateau is warm-up; a steady climb would be a leak).
+                    samples = [tree_memory_mb(proc.pid)]
+                    done, errors, start = 0, 0, time.perf_counter()
+                    for _ in range(4):
+                        left = args.rss_limit_s - (time.perf_counter() - start)
+                        if left <= 0:
+                            break
+                        run = asyncio.run(
+                            load(url, payloads, max(levels), args.rss_requests // 4, left)
+                        )
+                        done, errors = done + run["requests"], errors + run["errors"]
+                        samples.append(tree_memory_mb(proc.pid) | {"after_requests": done})
+                    results.setdefault("memory", {})[backend] = {"samples": samples, "requests": done,
+                                                                 "errors": errors}  # fmt: skip
+                    print(json.dumps(results["memory"][backend]), flush=True)
             finally:
                 proc.terminate()
                 proc.wait(60)

@@ -7,7 +7,10 @@ inference processes (spawned) each load the model once, take up to ``--max-batch
 queued requests (waiting at most ``--max-wait-ms`` for more), run them as one tensor
 batch and answer each request.
 
-This module deliberately has no ``from __future__ import annotations``: FastAPI reads
+LitServe internals used (hence the ``litserve<0.3`` pin): the batched loop's sentinel and
+response statuses (:class:`WaitForFirstBatchedLoop`), ``workers_setup_status`` (for
+``/readyz``) and ``_shutdown_event`` (SIGTERM). This module deliberately has no
+``from __future__ import annotations``: FastAPI reads
 the parameter annotation of :meth:`MlicAPI.decode_request` (an ``Annotated`` dependency)
 at runtime, and that dependency is what validates requests in the HTTP process.
 """
@@ -27,6 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from queue import Empty
 from typing import Annotated, Any
 
 import litserve as ls
@@ -35,6 +39,9 @@ from fastapi import Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
 
 from mlic.errors import ConfigError
 from mlic.serve.validation import (
@@ -306,6 +313,52 @@ def _count(shared: Any, value: int) -> None:
         shared[len(BATCH_BUCKETS) + 1] += value
 
 
+# ----------------------------------------------------------------------------- batching loop
+class WaitForFirstBatchedLoop(BatchedLoop):
+    """LitServe's batched loop, collecting each batch without busy-waiting.
+
+    LitServe's own collection polls its request queue (a multiprocessing manager queue,
+    one IPC round trip per poll) every millisecond, idle or not: a worker and the manager
+    process then spin on two cores. Here a batch starts with a blocking wait for its
+    first request, then takes more until ``max_batch_size`` or until ``batch_timeout``
+    has passed *since that first request* (the usual dynamic-batching deadline).
+    """
+
+    idle_wait_s = 1.0  # wake up this often while idle (and notice a shutdown sentinel)
+
+    def get_batch_requests(
+        self, lit_api: Any, request_queue: Any, transport: Any
+    ) -> tuple[list, list]:
+        payloads: list[tuple[Any, str, Any]] = []
+        timed_out: list[tuple[Any, str]] = []
+        deadline = None
+        while len(payloads) < lit_api.max_batch_size:
+            if deadline is None:
+                timeout = self.idle_wait_s
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+            try:
+                item = request_queue.get(timeout=timeout)
+            except Empty:
+                break
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, timestamp, x_enc = item
+            if deadline is None:
+                deadline = time.monotonic() + lit_api.batch_timeout
+            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
+                              LoopResponseType.REGULAR)  # fmt: skip
+            if lit_api.request_timeout not in (-1, False) and (
+                time.monotonic() - timestamp > lit_api.request_timeout
+            ):
+                timed_out.append((response_queue_id, uid))
+            else:
+                payloads.append((response_queue_id, uid, x_enc))
+        return payloads, timed_out
+
+
 # ----------------------------------------------------------------------------- the LitAPI
 class MlicAPI(ls.LitAPI):
     """LitServe API of one mlic model: decode in the HTTP process, predict batches in workers."""
@@ -315,6 +368,7 @@ class MlicAPI(ls.LitAPI):
             max_batch_size=config.max_batch_size,
             batch_timeout=config.max_wait_ms / 1000.0,
             api_path="/v1/predict",
+            loop=WaitForFirstBatchedLoop() if config.max_batch_size > 1 else "auto",
         )
         self.config = config
         self.batch_requests = batch_requests
