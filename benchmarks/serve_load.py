@@ -109,14 +109,14 @@ def free_port() -> int:
 
 
 def start_server(
-    target: Path, backend: str, batch: int, wait_ms: float, log: Path
+    target: Path, backend: str, batch: int, wait_ms: float, log: Path, threads: int | None = None
 ) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "mlic", "serve", str(target), "--backend", backend, "--port",
            str(port), "--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms),
-           "--max-queue", "256"]  # fmt: skip
+           "--max-queue", "256", *(["--threads", str(threads)] if threads else [])]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -177,14 +177,21 @@ async def load(
     }
 
 
-def predict_reference(ckpt: Path, onnx: Path, paths: list[Path], repeats: int) -> dict[str, float]:
+def predict_reference(
+    ckpt: Path, onnx: Path, paths: list[Path], repeats: int, threads: int | None = None
+) -> dict[str, float]:
     """img/s of ``mlic predict``'s code path on the same files, model loaded once."""
+    import torch
+
     from mlic.inference import OnnxPredictor, Predictor
     from mlic.predict import run_predict
 
+    if threads:
+        torch.set_num_threads(threads)
+
     out = {}
     for name, predictor in (("torch", Predictor.from_checkpoint(ckpt)),
-                            ("onnxruntime", OnnxPredictor.from_checkpoint(onnx))):  # fmt: skip
+                            ("onnxruntime", OnnxPredictor.from_checkpoint(onnx, threads=threads))):  # fmt: skip
         files = [str(p) for p in paths]
         run_predict(predictor, files[:16], batch_size=16, progress=False)  # warm-up
         times = []
@@ -210,6 +217,7 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--backends", default="torch,onnxruntime")
+    ap.add_argument("--threads", type=int, help="intra-op threads per worker (and for predict)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -220,13 +228,15 @@ def main() -> None:
     results: dict[str, Any] = {"runs": [], "command": " ".join([Path(sys.executable).name, *sys.argv]),
                                "machine": platform.processor() or platform.machine(),
                                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    results["loadavg_start"] = os.getloadavg()[0]
+    results["threads"] = args.threads
     levels = [int(c) for c in args.concurrency.split(",")]
     for backend in args.backends.split(","):
         target = onnx if backend == "onnxruntime" else ckpt
         for batching in (True, False):
             batch = args.max_batch_size if batching else 1
             log = tmp / f"serve-{backend}-{batch}.log"
-            proc, url = start_server(target, backend, batch, args.max_wait_ms, log)
+            proc, url = start_server(target, backend, batch, args.max_wait_ms, log, args.threads)
             try:
                 asyncio.run(load(url, payloads, 4, 16, 15))  # warm-up
                 for c in levels:
@@ -254,7 +264,8 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(60)
-    results["predict_img_per_s"] = predict_reference(ckpt, onnx, paths, repeats=3)
+    results["predict_img_per_s"] = predict_reference(ckpt, onnx, paths, 3, args.threads)
+    results["loadavg_end"] = os.getloadavg()[0]
     print(json.dumps(results["predict_img_per_s"]), flush=True)
 
     def best(backend: str, batching: bool, c: int) -> float:
