@@ -49,6 +49,7 @@ from mlic.serve.validation import (
     Limits,
     PreparedRequest,
     RequestError,
+    display_name,
     parse_options,
 )
 
@@ -211,11 +212,9 @@ async def _parse_request(request: Request, query: dict[str, Any]) -> PreparedReq
         _check_heatmaps(opts.heatmaps)
         rt.preparer.check_count(len(files))
         keep = opts.heatmaps != "false"
-        from mlic.serve.validation import _display_name
-
         images = await run_in_threadpool(
             lambda: [
-                rt.preparer.prepare(_display_name(n, i), d, keep) for i, (n, d) in enumerate(files)
+                rt.preparer.prepare(display_name(n, i), d, keep) for i, (n, d) in enumerate(files)
             ]
         )
         return PreparedRequest(images=images, options=opts)

@@ -35,6 +35,7 @@ __all__ = [
     "RequestError",
     "ImagePreparer",
     "parse_options",
+    "display_name",
 ]
 
 HEATMAP_CHOICES = ("false", "true", "all")
@@ -86,7 +87,7 @@ class PreparedRequest:
     options: Options = field(default_factory=Options)
 
 
-def _display_name(raw: str | None, index: int) -> str:
+def display_name(raw: str | None, index: int) -> str:
     """A client's file name, printable and short (only ever echoed, never opened)."""
     name = "".join(ch for ch in (raw or "") if ch.isprintable())[:80]
     return name or f"image {index + 1}"
@@ -212,7 +213,7 @@ class ImagePreparer:
         ``{"name": ..., "data": base64}``."""
         name = f"image {index + 1}"
         if isinstance(item, Mapping):
-            name = _display_name(item.get("name"), index)
+            name = display_name(item.get("name"), index)
             item = item.get("data")
         if not isinstance(item, str):
             raise RequestError(
