@@ -111,6 +111,30 @@ def test_heatmaps_are_png_overlays(served: Served) -> None:
     assert maps["dog"] != maps["cat"]  # each label has its own map
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of sockets listening on ``port`` (Linux /proc/net/tcp, tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(addr)
+    return found
+
+
+def test_binds_to_loopback_by_default(served: Served) -> None:
+    port = int(served.url.rsplit(":", 1)[1])
+    addrs = listening_addresses(port)
+    if not addrs:
+        pytest.skip("no /proc/net/tcp here")
+    assert addrs == {"0100007F"}  # 127.0.0.1, little-endian hex; not 0.0.0.0
+
+
 def test_model_health_docs_and_page(served: Served) -> None:
     info = httpx.get(served.url + "/v1/model").json()
     assert info["labels"] == NAMES and info["thresholds"] == pytest.approx(THRESHOLDS)
