@@ -100,3 +100,6 @@ def tiny_voc(tmp_path: Path) -> Path:
         return out
 
     return make_voc(tmp_path, {"train": sample(24), "val": sample(12)}, labels_txt=names)
+
+
+from serve_fixtures import served  # noqa: E402,F401  (session fixture of the serve tests)

@@ -176,6 +176,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from mlic.serve.app import ServeConfig, serve
+    except ImportError as e:
+        raise ConfigError(
+            f"mlic serve needs the serve extra ({e.name} missing): pip install 'mlic[serve]'"
+        ) from e
+    backend = args.backend or ("onnxruntime" if str(args.target).endswith(".onnx") else "torch")
+    for name in ("max_batch_size", "workers", "max_images", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
+        raise ConfigError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
+    config = ServeConfig(
+        target=args.target,
+        backend=backend,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        workers=args.workers,
+        max_upload_mb=args.max_upload_mb,
+        max_images=args.max_images,
+        max_pixels=args.max_pixels,
+        max_queue=args.max_queue,
+        token=args.token or os.environ.get("MLIC_SERVE_TOKEN") or None,
+        timeout_s=args.timeout,
+        device=args.device,
+        threads=args.threads,
+    )
+    return serve(config)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mlic.evaluate import resolve_target
     from mlic.export import SUFFIXES, export_checkpoint
@@ -432,6 +467,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=POSITIVE_INT, help="intra-op threads for onnxruntime")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("serve", help="serve a model over HTTP: API with dynamic batching + a page")
+    s.add_argument("target", help="run folder, .safetensors checkpoint or exported .onnx model")
+    s.add_argument("--backend", choices=["torch", "onnxruntime"],
+                   help="default: onnxruntime for .onnx, else torch")  # fmt: skip
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch-size", type=int, default=16,
+                   help="requests per dynamic batch (1: no batching)")  # fmt: skip
+    s.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits to fill")  # fmt: skip
+    s.add_argument("--workers", type=int, default=1, help="inference worker processes")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image file")
+    s.add_argument("--max-images", type=int, default=32, help="most images in one request")
+    s.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (w x h)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests admitted at once; more get 503 + Retry-After")  # fmt: skip
+    s.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or MLIC_SERVE_TOKEN)")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--threads", type=int, help="intra-op threads per worker")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser(
         "export", help="export a checkpoint to ONNX, TorchScript or an ExportedProgram"

@@ -114,10 +114,15 @@ class Predictor:
     def predict_tensor(
         self, batch: torch.Tensor, return_attention: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Normalised batch [B, 3, S, S] -> (probabilities [B, C], maps [B, C, h, w] or None)."""
+        """Normalised batch [B, 3, S, S] -> (probabilities [B, C], maps [B, C, h, w] or None).
+
+        Maps are the model's label-wise attention (or CAM), else Grad-CAM (:mod:`mlic.explain`).
+        """
         batch = batch.to(self.device)
         if return_attention:
-            logits, maps = self.model(batch, return_attention=True)
+            from mlic.explain import label_maps
+
+            logits, maps = label_maps(self.model, batch)  # [B, C], [B, C, h, w]
             return torch.sigmoid(logits.float()).cpu().numpy(), maps.float().cpu().numpy()
         return torch.sigmoid(self.model(batch).float()).cpu().numpy(), None
 
