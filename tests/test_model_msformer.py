@@ -100,7 +100,7 @@ def test_branches_share_encoders_and_decoders() -> None:
 def test_hierarchical_scale_attention_follows_eqs_2_to_5() -> None:
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, 3, s, s, generator=g) for s in (8, 4, 2)]
-    out = HierarchicalScaleAttention("bilinear")(xs)
+    out = HierarchicalScaleAttention("bilinear", gate_init=None)(xs)  # the paper's weight 1
     up = [F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False) for x in xs[1:]]
     m = xs[0] * up[0] * up[1]
     torch.testing.assert_close(out[0], xs[0] + m)  # x1 keeps its size
@@ -110,6 +110,19 @@ def test_hierarchical_scale_attention_follows_eqs_2_to_5() -> None:
         assert out[i].shape == xs[i].shape
 
 
+def test_gated_scale_attention_starts_as_identity_and_reaches_the_paper() -> None:
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, s, s, generator=g) for s in (8, 4, 2)]
+    gated = HierarchicalScaleAttention("bilinear")  # default: learnable gamma from 0
+    assert gated.gamma is not None and float(gated.gamma) == 0.0
+    torch.testing.assert_close(gated(xs)[0], xs[0])  # gamma 0: the identity on x1
+    with torch.no_grad():
+        gated.gamma.fill_(1.0)
+    paper = HierarchicalScaleAttention("bilinear", gate_init=None)
+    for a, b in zip(gated(xs), paper(xs), strict=True):
+        torch.testing.assert_close(a, b)  # gamma 1: exactly Eqs. 2-5
+
+
 def test_scale_fusion_none_leaves_branches_alone() -> None:
     model = build(scale_fusion="none")
     assert model.scale_attention is None
@@ -117,7 +130,7 @@ def test_scale_fusion_none_leaves_branches_alone() -> None:
     xs = model.scale_features(feats)
     torch.testing.assert_close(xs[0], model.branch_convs[0](feats[0]))
     torch.testing.assert_close(xs[2], model.branch_convs[2](feats[1]))
-    fused = build().scale_features(feats)
+    fused = build(scale_gate_init=None).scale_features(feats)
     assert not torch.allclose(fused[0], xs[0])  # the hierarchical model does change them
 
 
