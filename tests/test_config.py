@@ -85,5 +85,7 @@ def test_every_model_has_its_recipes() -> None:
                 assert cfg.model.backbone == "tf_efficientnet_lite0" and cfg.model.pretrained
                 assert (cfg.train.epochs, cfg.train.seed, cfg.data.image_size) == (6, 0, 192)
             else:
-                assert cfg.data.image_size == 448 and cfg.model.backbone == "resnet101"
+                # the papers' torchvision weights; SSGRL trains at 576 px (paper)
+                assert cfg.model.backbone == "resnet101.tv_in1k"
+                assert cfg.data.image_size == (576 if name == "ssgrl" else 448)
                 assert cfg.data.format == {"voc2007": "voc", "coco2014": "coco"}[dataset]

@@ -59,6 +59,8 @@ def test_adjacency_buffer_is_the_labelsets_mlgcn_graph(name: str, tau: float, p:
 def test_graph_matters_and_identity_graph_decouples_classes() -> None:
     gen = GCNClassifierGenerator(C, out_dim=16, labels=labelset(), hidden_dim=32).eval()
     with torch.no_grad():
+        # trained weights are non-zero (the last layer starts at 0, see test_paper_recipes)
+        torch.nn.init.normal_(gen.gcn.layers[-1].linear.weight, std=0.1)
         graph_w = gen()  # [C, 16]
         gen.adjacency.copy_(torch.eye(C))
         eye_w = gen()
@@ -124,6 +126,8 @@ def test_attn_gcn_fusion_gate_is_learned_and_interpolates() -> None:
     assert isinstance(model.gate, torch.nn.Parameter) and model.gate.shape == (C,)
     assert build("attn_gcn", gate="scalar").gate.shape == (1,)
     x = images()
+    with torch.no_grad():  # as after training: the GCN's last layer starts at 0
+        torch.nn.init.normal_(model.classifiers.gcn.layers[-1].linear.weight, std=0.1)
     model.train()
     model(x).sum().backward()
     assert model.gate.grad is not None and model.gate.grad.abs().sum() > 0

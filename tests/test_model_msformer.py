@@ -212,9 +212,10 @@ def test_paper_settings_and_configs() -> None:
     assert paper["epochs"] == 80 and paper["params_m"] == 69.5
     for name in ("voc2007", "coco2014"):
         cfg = load_config(CONFIGS / f"msformer_{name}.yaml")
-        assert cfg.model.name == "msformer" and cfg.model.backbone == "resnet101"
+        assert cfg.model.name == "msformer" and cfg.model.backbone == "resnet101.tv_in1k"
         assert cfg.data.image_size == 448 and cfg.data.randaugment and cfg.data.random_erasing > 0
         assert (cfg.loss.name, cfg.loss.gamma_neg, cfg.loss.gamma_pos) == ("asl", 4.0, 0.0)
+        assert cfg.loss.clip == 0.0 and not cfg.data.hflip  # Eq. 12: no shift; no flip
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 1e-4, 1e-2)
         assert cfg.train.epochs == 80
     demo = load_config(CONFIGS / "msformer_demo.yaml")

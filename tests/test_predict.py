@@ -53,8 +53,12 @@ def test_predictor_accepts_every_input_kind(trained: tuple[Path, Path]) -> None:
     # tensor inputs are resized by interpolation instead of PIL: close, not identical
     np.testing.assert_allclose(by_tensor.probabilities, by_path.probabilities, atol=0.05)
     assert set(by_path.scores) == set(NAMES)
+    # labels: above the checkpoint's calibrated per-class thresholds (0.5 where none are stored)
+    thr = dict(
+        zip(NAMES, pred.thresholds if pred.thresholds is not None else [0.5] * 5, strict=True)
+    )
     assert by_path.labels == [
-        n for n in sorted(NAMES, key=lambda n: -by_path.scores[n]) if by_path.scores[n] >= 0.5
+        n for n in sorted(NAMES, key=lambda n: -by_path.scores[n]) if by_path.scores[n] >= thr[n]
     ]
     top1 = pred.predict(path, threshold=0.0, top_k=1)[0]
     assert len(top1.labels) == 1 and top1.labels[0] == max(by_path.scores, key=by_path.scores.get)

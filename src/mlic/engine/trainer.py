@@ -659,7 +659,10 @@ def train(
             calib_loader = build_loader(
                 calib_ds, d.eval_batch_size or d.batch_size, calib_sampler, 0, pin_memory=pin
             )
-    batches_per_epoch = math.ceil(len(train_ds) / (d.batch_size * dist.world_size))
+    per_rank = math.ceil(len(train_ds) / dist.world_size)  # the padded sampler's share
+    batches_per_epoch = math.ceil(per_rank / d.batch_size)
+    if per_rank % d.batch_size == 1 and batches_per_epoch > 1:
+        batches_per_epoch -= 1  # a last batch of one image: BatchNorm cannot train on it
     if cfg.train.max_steps_per_epoch:
         batches_per_epoch = min(
             batches_per_epoch, cfg.train.max_steps_per_epoch * cfg.train.accum_steps
@@ -749,7 +752,9 @@ def train(
                 if done_batches >= batches_per_epoch:
                     break
                 _note_skipped(train_loader, state, skipped_at_start, run_dir, dist.is_main)
-                if len(targets) > 0:  # a batch whose every image was skipped: no step on it
+                # a batch whose every image was skipped gets no step, nor one left with a
+                # single image (BatchNorm cannot train on it) unless batches are of one
+                if len(targets) > 1 or (len(targets) == 1 and d.batch_size == 1):
                     images = train_prepare(images)  # [B, 3, S, S] float on the device
                     targets = targets.to(device, non_blocking=True)
                     if cfg.train.channels_last:
