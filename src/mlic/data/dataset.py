@@ -19,7 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from mlic.data import Annotations
-from mlic.data.transforms import ToNormalizedFloat, decode_image, device_decodable_jpeg
+from mlic.data.transforms import (
+    ToNormalizedFloat,
+    apply_seeded,
+    decode_image,
+    device_decodable_jpeg,
+)
 from mlic.errors import DataError
 from mlic.files import MAX_IMAGE_BYTES, read_regular_bytes
 
@@ -103,18 +108,7 @@ class MultiLabelDataset(Dataset):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # [L]
             return decode_image(path, self.draft_size, data=data)  # [3, H, W] uint8
         img = decode_image(path, self.draft_size)  # [3, H, W] uint8
-        if self.transform is not None:
-            if seed is None:
-                img = self.transform(img)
-            else:
-                # Seed the global RNG that torchvision's transforms draw from, without
-                # disturbing the caller's stream (matters with workers=0).
-                with torch.random.fork_rng(devices=[]):
-                    # the CPU generator alone: torch.manual_seed also seeds every other
-                    # backend, 60x the cost (0.057 vs 0.001 ms per sample)
-                    torch.default_generator.manual_seed(seed)
-                    img = self.transform(img)
-        return img
+        return apply_seeded(self.transform, img, seed)
 
 
 class SeededSampler(Sampler):

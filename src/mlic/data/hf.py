@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from mlic.data.labels import LabelSet
-from mlic.data.transforms import decode_image
+from mlic.data.transforms import apply_seeded, decode_image
 from mlic.data.wds import _mix
 from mlic.errors import DataError
 
@@ -291,13 +291,7 @@ class _Decode:
         if self.raw_bytes:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # [L]
         img = decode_image(Path(name), self.draft_size, data=data)  # [3, H, W] uint8
-        if self.transform is None:
-            return img
-        if seed is None:
-            return self.transform(img)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.transform(img)
+        return apply_seeded(self.transform, img, seed)
 
 
 class HFImageDataset(Dataset):

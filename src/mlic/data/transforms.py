@@ -20,7 +20,7 @@ for ``data.gpu_decode`` with the same pixels as :func:`decode_image`.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from mlic.files import MAX_IMAGE_BYTES, read_regular_bytes, require_regular_file
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
+    "apply_seeded",
     "MultiScaleCrop",
     "ToNormalizedFloat",
     "build_transform",
@@ -367,6 +368,29 @@ class MultiScaleCrop(torch.nn.Module):
         return v2.functional.resized_crop(
             img, top, left, h, w, [self.size, self.size], antialias=True
         )
+
+
+def apply_seeded(
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    img: torch.Tensor,
+    seed: int | None,
+) -> torch.Tensor:
+    """``transform(img)`` with torch's global CPU generator seeded by ``seed`` (the per-sample
+    augmentation seed of the data sets), the caller's RNG stream left as it was.
+
+    torchvision's random transforms draw from that generator, so a sample's augmentation
+    depends on (run seed, epoch, image) alone: the same with any number of workers, after a
+    resume and under DDP. ``seed=None`` applies the transform unseeded; no transform returns
+    ``img``. Only the CPU generator is seeded: ``torch.manual_seed`` also seeds every other
+    backend, 60x the cost (0.057 vs 0.001 ms per sample).
+    """
+    if transform is None:
+        return img
+    if seed is None:
+        return transform(img)
+    with torch.random.fork_rng(devices=[]):  # workers=0: do not disturb the caller's stream
+        torch.default_generator.manual_seed(seed)
+        return transform(img)
 
 
 def build_transform(

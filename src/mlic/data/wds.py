@@ -59,7 +59,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mlic.data import Annotations
 from mlic.data.labels import LabelSet
-from mlic.data.transforms import decode_image
+from mlic.data.transforms import apply_seeded, decode_image
 from mlic.errors import DataError
 
 __all__ = [
@@ -462,13 +462,7 @@ class _ShardReader(IterableDataset):
                 pass
 
     def _transform(self, img: torch.Tensor, seed: int | None) -> torch.Tensor:
-        if self.transform is None or self.raw_bytes:
-            return img
-        if seed is None:
-            return self.transform(img)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.transform(img)
+        return img if self.raw_bytes else apply_seeded(self.transform, img, seed)
 
 
 class ShardTrainSet(_ShardReader):

@@ -145,7 +145,34 @@ class CrossLayerAttention(nn.Module):
         return (weights.unsqueeze(2) * stacked).sum(dim=1), weights  # [B, d, h, w]
 
 
-class ChannelDualCrossAttention(nn.Module):
+def _mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+class _GlobalLocalFusion(nn.Module):
+    """What both dual-branch readings share: the local -> global channel gate computed from
+    the local branch's peaks (global max pooling) and the adaptive cross-fusion
+    ``softmax(alpha)_0 * local' + softmax(alpha)_1 * g'``."""
+
+    def __init__(self, dim: int, reduction: int) -> None:
+        super().__init__()
+        self.hidden = max(dim // reduction, 1)
+        self.local_to_global = _mlp(dim, self.hidden)
+        self.fusion_logits = nn.Parameter(torch.zeros(2))
+
+    @property
+    def fusion_weights(self) -> torch.Tensor:
+        return torch.softmax(self.fusion_logits, dim=0)  # [2]
+
+    def fuse(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """``x`` the input map, ``local`` its global-gated version, both [B, d, h, w]."""
+        g = x.mean(dim=(2, 3))  # [B, d] global branch
+        glob = g * torch.sigmoid(self.local_to_global(x.amax(dim=(2, 3))))  # [B, d]
+        w = self.fusion_weights.to(x.dtype)  # [2]
+        return w[0] * local + w[1] * glob[:, :, None, None]  # [B, d, h, w]
+
+
+class ChannelDualCrossAttention(_GlobalLocalFusion):
     """Global <-> local channel gating between the pooled and the per-position branch.
 
     global -> local: ``local' = F * sigmoid(MLP_g(GAP F))`` (channel gate from the context);
@@ -154,31 +181,16 @@ class ChannelDualCrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, reduction: int = 4) -> None:
-        super().__init__()
-        hidden = max(dim // reduction, 1)
-        self.global_to_local = nn.Sequential(
-            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim)
-        )
-        self.local_to_global = nn.Sequential(
-            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim)
-        )
-        self.fusion_logits = nn.Parameter(torch.zeros(2))
-
-    @property
-    def fusion_weights(self) -> torch.Tensor:
-        return torch.softmax(self.fusion_logits, dim=0)  # [2]
+        super().__init__(dim, reduction)
+        self.global_to_local = _mlp(dim, self.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, d, h, w] -> [B, d, h, w]
-        g = x.mean(dim=(2, 3))  # [B, d] global branch
-        peaks = x.amax(dim=(2, 3))  # [B, d] local branch summary
-        local = x * torch.sigmoid(self.global_to_local(g))[:, :, None, None]  # [B, d, h, w]
-        glob = g * torch.sigmoid(self.local_to_global(peaks))  # [B, d]
-        w = self.fusion_weights.to(x.dtype)  # [2]
-        return w[0] * local + w[1] * glob[:, :, None, None]  # [B, d, h, w]
+        gate = torch.sigmoid(self.global_to_local(x.mean(dim=(2, 3))))  # [B, d]
+        return self.fuse(x, x * gate[:, :, None, None])
 
 
-class GlobalLocalSpatialCrossAttention(nn.Module):
+class GlobalLocalSpatialCrossAttention(_GlobalLocalFusion):
     """Dual-branch cross-attention in which the global context reweights *positions*.
 
     global -> local (spatial cross-attention): the pooled feature ``g`` is the query, every
@@ -192,35 +204,21 @@ class GlobalLocalSpatialCrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, reduction: int = 4, key_dim: int = 64) -> None:
-        super().__init__()
-        hidden = max(dim // reduction, 1)
+        super().__init__(dim, reduction)
         self.query = nn.Linear(dim, key_dim, bias=False)
         self.key = nn.Conv2d(dim, key_dim, kernel_size=1, bias=False)
         nn.init.zeros_(self.query.weight)
-        self.local_to_global = nn.Sequential(
-            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim)
-        )
-        self.fusion_logits = nn.Parameter(torch.zeros(2))
-
-    @property
-    def fusion_weights(self) -> torch.Tensor:
-        return torch.softmax(self.fusion_logits, dim=0)  # [2]
 
     def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The global-to-local gate per position [B, 1, h, w], in (0, 2)."""
-        g = x.mean(dim=(2, 3))  # [B, d]
-        q = self.query(g)  # [B, d_k]
+        q = self.query(x.mean(dim=(2, 3)))  # [B, d_k]
         k = self.key(x)  # [B, d_k, h, w]
         score = torch.einsum("bk,bkhw->bhw", q, k) * q.shape[-1] ** -0.5  # [B, h, w]
         return (1.0 + torch.tanh(score)).unsqueeze(1)  # [B, 1, h, w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, d, h, w] -> [B, d, h, w]
-        g = x.mean(dim=(2, 3))  # [B, d]
-        local = x * self.spatial_gate(x)  # [B, d, h, w]
-        glob = g * torch.sigmoid(self.local_to_global(x.amax(dim=(2, 3))))  # [B, d]
-        w = self.fusion_weights.to(x.dtype)  # [2]
-        return w[0] * local + w[1] * glob[:, :, None, None]  # [B, d, h, w]
+        return self.fuse(x, x * self.spatial_gate(x))
 
 
 DUAL_BRANCH = ("spatial", "channel")
