@@ -11,30 +11,15 @@ whichever is better), as ``mlic train`` selects ``best.safetensors``.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
+
+from real_voc import best_epoch as best_row  # same selection: model or EMA, best mAP
 
 from mlic.cli import resolve_config_path
 from mlic.config import load_config
 from mlic.engine.trainer import train
 from mlic.models.registry import list_models
-
-
-def best_row(run: Path) -> dict[str, float]:
-    """Metrics of the best epoch by mAP, over the model and its EMA."""
-    with (run / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    best: dict[str, float] = {}
-    for r in rows:
-        for prefix in ("", "ema_"):
-            if f"{prefix}mAP" not in r:
-                continue
-            cand = {k: float(r[f"{prefix}{k}"]) for k in ("mAP", "CF1", "OF1")}
-            if not best or cand["mAP"] > best["mAP"]:
-                best = {**cand, "epoch": int(r["epoch"]), "ema": bool(prefix)}
-    best["s_per_epoch"] = sum(float(r["epoch_time_s"]) for r in rows) / len(rows)
-    return best
 
 
 def main() -> None:

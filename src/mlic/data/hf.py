@@ -49,7 +49,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from mlic.data.labels import LabelSet
 from mlic.data.transforms import apply_seeded, decode_image
-from mlic.data.wds import _mix
+from mlic.data.wds import _mix, record_bad_sample
 from mlic.errors import DataError
 
 __all__ = ["HFSource", "open_hf_split", "hf_datasets", "hf_eval_dataset", "HFImageDataset"]
@@ -362,15 +362,7 @@ class HFStreamSet(IterableDataset):
         return ds
 
     def _bad(self, message: str) -> None:
-        if not self.skip_bad:
-            raise DataError(message)
-        log.warning("skipped bad sample: %s", message)
-        if self.bad_log:
-            try:
-                with open(self.bad_log, "a") as f:
-                    f.write(f"epoch {self.epoch + 1}: {message}\n")
-            except OSError:
-                pass
+        record_bad_sample(message, self.skip_bad, self.bad_log, self.epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()

@@ -386,6 +386,20 @@ def assign_slots(counts: list[int], num_slots: int) -> list[list[int]]:
     return slots
 
 
+def record_bad_sample(message: str, skip_bad: bool, bad_log: str | Path | None, epoch: int) -> None:
+    """A bad sample of a streamed source: a DataError, or with ``skip_bad`` a warning and one
+    line in ``bad_log`` (the run's ``bad_samples.txt``, when given)."""
+    if not skip_bad:
+        raise DataError(message)
+    log.warning("skipped bad sample: %s", message)
+    if bad_log:
+        try:
+            with open(bad_log, "a") as f:  # one short line: an atomic O_APPEND write
+                f.write(f"epoch {epoch + 1}: {message}\n")
+        except OSError:  # e.g. a rank on a node without the run folder: the log line stays
+            pass
+
+
 class _ShardReader(IterableDataset):
     """What training and evaluation readers share: decoding a sample, bad-sample handling."""
 
@@ -451,15 +465,7 @@ class _ShardReader(IterableDataset):
 
     def _bad(self, message: str) -> None:
         """Raise, or (``skip_bad``) log and record a bad sample."""
-        if not self.skip_bad:
-            raise DataError(message)
-        log.warning("skipped bad sample: %s", message)
-        if self.bad_log:
-            try:
-                with open(self.bad_log, "a") as f:  # one short line: an atomic O_APPEND write
-                    f.write(f"epoch {self.epoch + 1}: {message}\n")
-            except OSError:  # e.g. a rank on a node without the run folder: the log line stays
-                pass
+        record_bad_sample(message, self.skip_bad, self.bad_log, self.epoch)
 
     def _transform(self, img: torch.Tensor, seed: int | None) -> torch.Tensor:
         return img if self.raw_bytes else apply_seeded(self.transform, img, seed)
