@@ -121,7 +121,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
         if not vals:
             return "—"
         mean, std = summarise(vals)
-        return f"{mean:.1f} ± {std:.1f}"
+        return f"{mean:.1f} ± {std:.1f}" if len(vals) > 1 else f"{mean:.1f}"
 
     order = sorted(results, key=lambda m: -summarise([r["mAP"] for r in results[m]])[0])
     for model in order:
