@@ -230,3 +230,15 @@ def test_uint8_batches_normalised_on_device_equal_the_float_pipeline(tiny_voc: P
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     ref = torch.stack([as_float[key][0] for key in list(sampler)[:6]])
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sampler_resumed_past_the_end_of_an_epoch_yields_nothing(world: int) -> None:
+    """A stop in an epoch's last, partial batch leaves ``start`` (whole batches counted)
+    beyond the data: resuming there must yield nothing, not fail."""
+    for rank in range(world):
+        sampler = SeededSampler(22, True, seed=0, num_replicas=world, rank=rank, pad=True)
+        sampler.set_epoch(0, start=24)  # 6 batches of 4 consumed of 22 images
+        assert list(sampler) == [] and len(sampler) == 0
+        sampler.set_epoch(0, start=20)
+        assert len(list(sampler)) == len(sampler) > 0

@@ -144,7 +144,11 @@ class SeededSampler(Sampler):
         self.start = start
 
     def _indices(self) -> torch.Tensor:
-        remaining = self.n - self.start
+        # the trainer counts whole batches, so after a stop in an epoch's last, partial batch
+        # ``start`` may pass the end: nothing is left of that epoch
+        remaining = max(self.n - self.start, 0)
+        if remaining == 0:
+            return torch.zeros(0, dtype=torch.long)
         if self.pad:
             total = math.ceil(remaining / self.num_replicas) * self.num_replicas
             return torch.arange(self.rank, total, self.num_replicas)
