@@ -16,6 +16,7 @@ is not a regular file and anything larger than a size bound, naming the file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 import tempfile
@@ -33,6 +34,7 @@ __all__ = [
     "read_regular_bytes",
     "read_regular_text",
     "require_regular_file",
+    "file_sha256",
     "save_npy",
     "savefig",
     "write_text",
@@ -226,3 +228,12 @@ def read_regular_text(
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise error(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoint hashes, shard checksums)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -42,7 +42,6 @@ next good sample of the same reader, so the step count (and resume positions) st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -61,6 +60,7 @@ from mlic.data import Annotations
 from mlic.data.labels import LabelSet
 from mlic.data.transforms import apply_seeded, decode_image
 from mlic.errors import DataError
+from mlic.files import file_sha256
 
 __all__ = [
     "INDEX_NAME",
@@ -99,14 +99,6 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise DataError(f"shard size {text!r} must be > 0")
     return size
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pack_shards(
@@ -165,7 +157,7 @@ def pack_shards(
                 "name": name,
                 "num_samples": n,
                 "bytes": (out / name).stat().st_size,
-                "sha256": _sha256(out / name),
+                "sha256": file_sha256(out / name),
             }
             for name, n in sorted(counts.items())
         ],  # fmt: skip
@@ -636,7 +628,7 @@ def verify_shards(index: ShardIndex) -> list[str]:
             if not path.exists():
                 problems.append(f"{shard.name}: missing ({path})")
                 continue
-            if shard.sha256 and _sha256(path) != shard.sha256:
+            if shard.sha256 and file_sha256(path) != shard.sha256:
                 problems.append(
                     f"{shard.name}: SHA-256 differs from the index{_truncation_hint(shard)}"
                 )

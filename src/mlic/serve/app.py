@@ -16,7 +16,6 @@ at runtime, and that dependency is what validates requests in the HTTP process.
 """
 
 import base64
-import hashlib
 import hmac
 import io
 import json
@@ -44,6 +43,7 @@ from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
 from mlic.errors import ConfigError
+from mlic.files import file_sha256
 from mlic.serve.validation import (
     ImagePreparer,
     Limits,
@@ -88,14 +88,6 @@ class ServeConfig:
         return Limits(int(self.max_upload_mb * 2**20), self.max_images, self.max_pixels)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_model(config: ServeConfig) -> tuple[Path, dict[str, Any]]:
     """Run folder / checkpoint / ``.onnx`` -> (model file, its metadata); checks the backend."""
     target = Path(config.target)
@@ -130,7 +122,7 @@ def model_info(path: Path, meta: dict[str, Any], backend: str) -> dict[str, Any]
         "mlic_version": meta.get("mlic_version"),
         "server_mlic_version": __version__,
         "file": path.name,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "backend": backend,
         "heatmaps": backend == "torch",
     }
