@@ -102,6 +102,14 @@ def _parse_bool(key: str, value: Any) -> bool:
     raise RequestError(422, f"option {key!r} must be true or false, got {str(value)[:40]!r}")
 
 
+def _parse_number(key: str, value: Any, kind: type, what: str) -> Any:
+    """``kind(value)`` (``float`` or ``int``), or a 422 naming the option and the value."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise RequestError(422, f"option {key!r} must be {what}, got {str(value)[:40]!r}") from None
+
+
 def parse_options(raw: Mapping[str, Any]) -> Options:
     """Query / form / JSON options -> :class:`Options`; an unknown or bad value is a 422."""
     known = {"threshold", "top_k", "scores", "heatmaps"}
@@ -112,21 +120,11 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
         )
     opts = Options()
     if raw.get("threshold") not in (None, ""):
-        try:
-            opts.threshold = float(raw["threshold"])
-        except (TypeError, ValueError):
-            raise RequestError(
-                422, f"option 'threshold' must be a number, got {str(raw['threshold'])[:40]!r}"
-            ) from None
+        opts.threshold = _parse_number("threshold", raw["threshold"], float, "a number")
         if not 0.0 <= opts.threshold <= 1.0:
             raise RequestError(422, f"option 'threshold' must be in [0, 1], got {opts.threshold:g}")
     if raw.get("top_k") not in (None, ""):
-        try:
-            opts.top_k = int(raw["top_k"])
-        except (TypeError, ValueError):
-            raise RequestError(
-                422, f"option 'top_k' must be an integer, got {str(raw['top_k'])[:40]!r}"
-            ) from None
+        opts.top_k = _parse_number("top_k", raw["top_k"], int, "an integer")
         if opts.top_k < 1:
             raise RequestError(422, f"option 'top_k' must be >= 1, got {opts.top_k}")
     if raw.get("scores") not in (None, ""):
