@@ -164,7 +164,7 @@ def test_cli_export_onnx_agrees_with_eager_and_predicts(
     model, _ = mlic.load_checkpoint(ckpt)
     assert verify_onnx(onnx_path, model, 64, batch_sizes=(1, 4)) < 1e-4
     images = sorted((voc / "JPEGImages").glob("*.jpg"))[:3]
-    eager = mlic.Predictor.from_checkpoint(ckpt).predict(images)
+    eager = mlic.Predictor.from_checkpoint(ckpt, precision="fp32").predict(images)  # as exported
     onnx = OnnxPredictor.from_checkpoint(onnx_path).predict(images)
     for a, b in zip(eager, onnx, strict=True):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-4)

@@ -156,7 +156,7 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(tiny_voc: Path, tmp_path: Pat
     # train.amp=bf16 is opt-in on CPU (2.1x the fp32 step on an AVX512_BF16 CPU, BENCHMARKS
     # section 5); it must train the same model, to bf16's precision
     over = {"train.epochs": "1", "train.ema": "false", "data.randaugment": "false"}
-    train(tiny_cfg(tiny_voc, tmp_path, "fp32", **over))
+    train(tiny_cfg(tiny_voc, tmp_path, "fp32", **over, **{"train.amp": "off"}))
     train(tiny_cfg(tiny_voc, tmp_path, "bf16", **over, **{"train.amp": "bf16"}))
     a, b = read_metrics(tmp_path / "fp32")[0], read_metrics(tmp_path / "bf16")[0]
     assert b["train_loss"] != a["train_loss"]  # autocast did run in bf16

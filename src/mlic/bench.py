@@ -22,6 +22,7 @@ __all__ = [
     "matmul_peaks",
     "benchmark",
     "data_loader_speed",
+    "gpu_decode_speed",
 ]
 
 
@@ -105,7 +106,7 @@ def _gemm_rate(fn, flops: float, device: torch.device, reps: int, rounds: int = 
 
 
 def matmul_peaks(
-    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 10
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None, reps: int = 10
 ) -> dict[str, float]:
     """Measured dense ``n^3`` matmul throughput (FLOP/s) of this device, per GEMM library.
 
@@ -117,6 +118,7 @@ def matmul_peaks(
     """
     from mlic.models.layers import linear
 
+    n = n or (8192 if device.type == "cuda" else 2048)  # a GPU needs large products to peak
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     flops = 2 * n**3
@@ -128,7 +130,7 @@ def matmul_peaks(
 
 
 def matmul_peak(
-    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 10
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None, reps: int = 10
 ) -> float:
     """The denominator of FLOP utilisation: the fastest measured matmul on this device.
 
@@ -176,6 +178,33 @@ def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 2
     t0 = time.perf_counter()
     n = sum(len(x) for x, _ in loader)
     return n / (time.perf_counter() - t0)
+
+
+def gpu_decode_speed(
+    files: list[Path], image_size: int, device: str = "cuda", batch: int = 64, rounds: int = 3
+) -> float:
+    """Images/s of the ``data.gpu_decode`` path: encoded JPEG files decoded as a batch on
+    ``device`` (nvJPEG on CUDA), resized and normalised there (:func:`decode_batch`).
+
+    The files are read into memory first (the path's cost on the host is reading bytes);
+    the best of ``rounds`` passes over them, after one untimed pass (decoder start-up).
+    """
+    from mlic.data.dataset import decode_batch
+
+    dev = torch.device(device)
+    encoded = [torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8) for f in files]
+    batches = [encoded[i : i + batch] for i in range(0, len(encoded), batch)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    best = 0.0
+    for r in range(rounds + 1):
+        _sync(dev)
+        t0 = time.perf_counter()
+        for b in batches:
+            decode_batch(b, image_size, mean, std, dev)  # [b, 3, S, S]
+        _sync(dev)
+        if r:  # the first pass warms the decoder up
+            best = max(best, len(encoded) / (time.perf_counter() - t0))
+    return best
 
 
 def benchmark(

@@ -128,11 +128,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         output=args.output,
         split=args.split,
         tune_thresholds=args.tune_thresholds,
+        precision=args.precision,
     )
     from mlic.viz import metric_table
 
     print(metric_table(out["metrics"]))
-    print(f"\nreport: {out['report']}")
+    print(f"\nprecision: {out['precision']}\nreport: {out['report']}")
     return 0
 
 
@@ -149,7 +150,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         predictor = OnnxPredictor.from_checkpoint(ckpt, threads=args.threads)
     else:
-        predictor = Predictor.from_checkpoint(ckpt, device=args.device)
+        predictor = Predictor.from_checkpoint(ckpt, device=args.device, precision=args.precision)
+    if not args.quiet:
+        print(f"mlic: precision {predictor.precision}", file=sys.stderr)
     heat = Path(args.heatmaps) if args.heatmaps else None
     if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):  # before any work
         raise ConfigError(f"--output {args.output}: must end in .csv or .jsonl")
@@ -206,6 +209,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=args.token or os.environ.get("MLIC_SERVE_TOKEN") or None,
         timeout_s=args.timeout,
         device=args.device,
+        precision=args.precision,
         threads=args.threads,
     )
     return serve(config)
@@ -406,6 +410,11 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None) ->
 POSITIVE_INT = _bounded(int, 1)
 PROBABILITY = _bounded(float, 0.0, 1.0)
 IMAGE_SIZE = _bounded(int, 16, 4096)
+PRECISION_ARG: dict = {
+    "choices": ["auto", "fp32", "bf16"],
+    "default": "auto",
+    "help": "auto (default): bf16 on a GPU or a CPU with AMX-BF16/AVX512-BF16, else fp32",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pick per-class thresholds maximising F1 on this split; store them in the checkpoint",
     )
+    s.add_argument("--precision", **PRECISION_ARG)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="predict labels for image files, folders or globs")
@@ -464,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    s.add_argument("--precision", **PRECISION_ARG)
     s.add_argument("--threads", type=POSITIVE_INT, help="intra-op threads for onnxruntime")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_predict)
@@ -487,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or MLIC_SERVE_TOKEN)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--precision", **PRECISION_ARG)
     s.add_argument("--threads", type=int, help="intra-op threads per worker")
     s.set_defaults(func=cmd_serve)
 

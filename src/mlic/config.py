@@ -171,7 +171,9 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: int = 10
     accum_steps: int = 1
-    amp: str = "auto"  # auto: bf16 on GPU, off on CPU
+    # auto: bf16 autocast on a GPU, or on a CPU with AMX-BF16/AVX512-BF16, else fp32
+    # (mlic.engine.precision); off = fp32 = no autocast
+    amp: str = "auto"
     ema: bool = True
     ema_decay: float = 0.999
     # EMA warm-up (timm ModelEmaV3): decay_t = min(ema_decay, 1 - (1 + t)^-power), so the
@@ -216,7 +218,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "loss.name": ("bce", "asl", "focal"),
     "optim.name": ("adamw", "sgd"),
     "schedule.name": ("cosine", "onecycle", "constant"),
-    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.amp": ("auto", "off", "fp32", "bf16", "fp16"),
     "data.crop": ("none", "multiscale"),
     "data.calibration": ("holdout", "val", "none"),
 }
@@ -328,8 +330,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from e
-    if cfg.data.image_check in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+    # YAML 1.1 reads a bare `off` as false
+    if cfg.data.image_check in ("False", "false"):
         cfg.data.image_check = "off"
+    if cfg.train.amp in ("False", "false"):
+        cfg.train.amp = "off"
     _check(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 

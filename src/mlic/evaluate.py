@@ -13,6 +13,7 @@ from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader, lo
 from mlic.data.sources import STREAM_FORMATS
 from mlic.data.transforms import build_transform
 from mlic.engine.checkpoint import load_checkpoint, update_metadata
+from mlic.engine.precision import resolve_precision
 from mlic.engine.trainer import evaluate, resolve_device, uint8_batch_to_device
 from mlic.errors import ConfigError
 from mlic.files import save_npy, savefig, write_text
@@ -47,11 +48,14 @@ def evaluate_checkpoint(
     output: str | Path | None = None,
     split: str = "val",
     tune_thresholds: bool = False,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``target`` on ``split`` of its run's data config (or the ``data.*`` overrides).
 
     ``tune_thresholds``: choose per-class thresholds maximising each class's F1 on this split
     and store them in the checkpoint's metadata (``mlic predict`` then uses them).
+    ``precision``: ``auto``, ``fp32`` or ``bf16`` (see :mod:`mlic.engine.precision`); the
+    choice and its reason are in the returned ``"precision"``.
     """
     from mlic.hub import is_hub_id
 
@@ -81,7 +85,8 @@ def evaluate_checkpoint(
         loader = build_loader(ds, batch_size, SeededSampler(len(ds), shuffle=False, pad=False),
                               cfg.data.workers)  # fmt: skip
     prepare = uint8_batch_to_device(meta["mean"], meta["std"], device, channels_last=False)
-    results, per_class, scores, targets = evaluate(model, loader, device, amp=cfg.train.amp,
+    chosen = resolve_precision(precision, device)
+    results, per_class, scores, targets = evaluate(model, loader, device, amp=chosen,
                                                    progress=cfg.run.progress, prepare=prepare)  # fmt: skip
     # the checkpoint's calibrated thresholds (chosen at training time on other data), or,
     # with tune_thresholds, new ones tuned on this very split (optimistic on it: meant for a
@@ -113,6 +118,7 @@ def evaluate_checkpoint(
         "checkpoint": str(ckpt),
         "split": split,
         "num_images": len(scores),
+        "precision": str(chosen),
         "metrics": results,
         "per_class_ap": {
             n: (None if np.isnan(a) else float(a)) for n, a in zip(names, per_class, strict=True)
@@ -126,10 +132,12 @@ def evaluate_checkpoint(
     report = write_report(
         out, title=f"{meta['model']} evaluated on {cfg.data.format} {split}", names=names,
         scores=scores, targets=targets, per_class_ap=per_class, results=results,
-        extra={"checkpoint": ckpt, "images": len(scores), "input size": size}, sections=sections,
+        extra={"checkpoint": ckpt, "images": len(scores), "input size": size,
+               "precision": str(chosen)}, sections=sections,
         thresholds=thresholds, thresholds_from=thresholds_from,
     )  # fmt: skip
-    return {"metrics": results, "per_class_ap": per_class, "report": report, "output": out}
+    return {"metrics": results, "per_class_ap": per_class, "report": report, "output": out,
+            "precision": chosen}  # fmt: skip
 
 
 def _thumbnail_strip(items: list[tuple[Path, str]], path: Path, size: int = 160) -> Path | None:

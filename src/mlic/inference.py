@@ -50,9 +50,19 @@ class Predictor:
     """Predict labels for images with a trained mlic model."""
 
     def __init__(
-        self, model: torch.nn.Module, metadata: dict[str, Any], device: str | torch.device = "cpu"
+        self,
+        model: torch.nn.Module,
+        metadata: dict[str, Any],
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> None:
+        """``precision``: ``auto`` (bf16 autocast on a GPU or on a CPU with bf16 units, see
+        :mod:`mlic.engine.precision`), ``fp32`` or ``bf16``; the choice and its reason are
+        ``self.precision``."""
+        from mlic.engine.precision import resolve_precision
+
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         validate_metadata(metadata, "checkpoint")  # bounds on every value used below
         self.meta = metadata
@@ -65,9 +75,11 @@ class Predictor:
         self.thresholds = np.asarray(stored, dtype=np.float32) if stored is not None else None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "auto"
+    ) -> Predictor:
         model, meta = load_checkpoint(path)
-        return cls(model, meta, device=device)
+        return cls(model, meta, device=device, precision=precision)
 
     # ------------------------------------------------------------------ input handling
     def _to_pil(self, item: ImageInput) -> tuple[Image.Image, str]:
@@ -118,13 +130,16 @@ class Predictor:
 
         Maps are the model's label-wise attention (or CAM), else Grad-CAM (:mod:`mlic.explain`).
         """
-        batch = batch.to(self.device)
-        if return_attention:
-            from mlic.explain import label_maps
+        from mlic.engine.precision import autocast
 
-            logits, maps = label_maps(self.model, batch)  # [B, C], [B, C, h, w]
-            return torch.sigmoid(logits.float()).cpu().numpy(), maps.float().cpu().numpy()
-        return torch.sigmoid(self.model(batch).float()).cpu().numpy(), None
+        batch = batch.to(self.device)
+        with autocast(self.device, self.precision):
+            if return_attention:
+                from mlic.explain import label_maps
+
+                logits, maps = label_maps(self.model, batch)  # [B, C], [B, C, h, w]
+                return torch.sigmoid(logits.float()).cpu().numpy(), maps.float().cpu().numpy()
+            return torch.sigmoid(self.model(batch).float()).cpu().numpy(), None
 
     def _results(
         self,
@@ -199,8 +214,11 @@ class OnnxPredictor(Predictor):
     """
 
     def __init__(self, session: Any, metadata: dict[str, Any]) -> None:
+        from mlic.engine.precision import Precision
+
         self.session = session
         self.device = torch.device("cpu")
+        self.precision = Precision(None, "the ONNX Runtime graph runs as exported (fp32)")
         self.model = None  # type: ignore[assignment]
         check = {"model": metadata.get("mlic_model"), "model_kwargs": {}, **metadata}
         validate_metadata(check, "exported model")  # bounds on every value used below

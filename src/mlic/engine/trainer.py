@@ -21,7 +21,6 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,8 @@ from mlic.engine.checkpoint import (
 )
 from mlic.engine.faults import maybe_kill
 from mlic.engine.host import retain_freed_memory
+from mlic.engine.precision import Precision, resolve_precision
+from mlic.engine.precision import autocast as precision_autocast
 from mlic.errors import CheckpointError, ConfigError, DataError, MlicError
 from mlic.files import atomic_write, save_npy, write_text
 from mlic.losses import loss_from_config
@@ -109,12 +110,13 @@ def uint8_batch_to_device(
     return prepare
 
 
-def autocast_context(device: torch.device, amp: str):
-    """``torch.autocast`` per ``train.amp``: auto = bf16 on GPU, off on CPU (no bf16 units here)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def autocast_context(device: torch.device, amp: str | Precision):
+    """``torch.autocast`` per ``train.amp`` (a setting, resolved here, or a resolved
+    :class:`~mlic.engine.precision.Precision`): see :mod:`mlic.engine.precision` for what
+    ``auto`` chooses on which device."""
+    if isinstance(amp, str):
+        amp = resolve_precision(amp, device)
+    return precision_autocast(device, amp)
 
 
 def seed_everything(seed: int) -> None:
@@ -226,7 +228,7 @@ def evaluate(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     device: torch.device,
-    amp: str = "off",
+    amp: str | Precision = "off",
     channels_last: bool = False,
     progress: bool = False,
     should_stop: Callable[[], bool] | None = None,
@@ -589,6 +591,8 @@ def train(
         labels = build_labels(train_ann, cfg.model.word_vectors)
         signature = _run_signature(cfg, labels, whole_train, val_ann)
     log.info("decision thresholds calibrated on %s", calibration.source)
+    precision = resolve_precision(cfg.train.amp, device)
+    log.info("precision: %s", precision)
     if resume_state is not None:
         _check_resume_matches(run_dir, resume_state.get("signature"), signature)
     no_pos = [n for n, c in zip(labels.names, labels.counts, strict=True) if c == 0]
@@ -673,7 +677,7 @@ def train(
     criterion = loss_from_config(cfg.loss)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
     ema = build_ema(model, cfg) if cfg.train.ema else None
     state = _RunState()
 
@@ -759,7 +763,7 @@ def train(
                     targets = targets.to(device, non_blocking=True)
                     if cfg.train.channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)
-                    with autocast_context(device, cfg.train.amp):
+                    with autocast_context(device, precision):
                         logits = train_model(images)
                     loss = criterion(logits.float(), targets)
                     scaler.scale(loss / cfg.train.accum_steps).backward()
@@ -821,7 +825,7 @@ def train(
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 ev = dict(
                     device=device,
-                    amp=cfg.train.amp,
+                    amp=precision,
                     channels_last=cfg.train.channels_last,
                     should_stop=stop,
                     prepare=eval_prepare,

@@ -42,6 +42,7 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
+from mlic.engine.precision import Precision, resolve_precision
 from mlic.errors import ConfigError
 from mlic.files import file_sha256
 from mlic.serve.validation import (
@@ -81,6 +82,7 @@ class ServeConfig:
     timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
     device: str = "cpu"
+    precision: str = "auto"  # torch backend: auto / fp32 / bf16 (mlic.engine.precision)
     threads: int | None = None
     model_path: str = field(default="", init=False)  # resolved .safetensors or .onnx
 
@@ -104,8 +106,19 @@ def resolve_model(config: ServeConfig) -> tuple[Path, dict[str, Any]]:
     return ckpt, read_metadata(ckpt)
 
 
-def model_info(path: Path, meta: dict[str, Any], backend: str) -> dict[str, Any]:
-    """The ``GET /v1/model`` answer: name, labels, thresholds, input size, versions, hash."""
+def serve_precision(config: ServeConfig) -> Precision:
+    """What the inference workers compute in: the torch backend resolves ``--precision`` for
+    its device; the ONNX Runtime graph runs as exported (fp32)."""
+    if config.backend == "onnxruntime":
+        return Precision(None, "the ONNX Runtime graph runs as exported")
+    return resolve_precision(config.precision, config.device)
+
+
+def model_info(
+    path: Path, meta: dict[str, Any], backend: str, precision: str = "fp32"
+) -> dict[str, Any]:
+    """The ``GET /v1/model`` answer: name, labels, thresholds, input size, versions, hash, and
+    the precision the workers compute in (with the reason it was chosen)."""
     from mlic import __version__
 
     names = list(meta["label_names"])
@@ -125,6 +138,7 @@ def model_info(path: Path, meta: dict[str, Any], backend: str) -> dict[str, Any]
         "sha256": file_sha256(path),
         "backend": backend,
         "heatmaps": backend == "torch",
+        "precision": precision,
     }
 
 
@@ -398,7 +412,9 @@ class MlicAPI(ls.LitAPI):
         if self.config.backend == "onnxruntime":
             self.predictor = OnnxPredictor.from_checkpoint(path, threads=self.config.threads)
         else:
-            self.predictor = Predictor.from_checkpoint(path, device=device)
+            self.predictor = Predictor.from_checkpoint(
+                path, device=device, precision=self.config.precision
+            )
         from mlic.data.transforms import ToNormalizedFloat
 
         self.normalise = ToNormalizedFloat(self.predictor.meta["mean"], self.predictor.meta["std"])
@@ -568,7 +584,7 @@ def build_server(config: ServeConfig) -> ls.LitServer:
 
     path, meta = resolve_model(config)
     config.model_path = str(path)
-    info = model_info(path, meta, config.backend)
+    info = model_info(path, meta, config.backend, str(serve_precision(config)))
     spawn = mp.get_context("spawn")  # shared with spawned inference workers
     batch_requests = spawn.Array("q", len(BATCH_BUCKETS) + 2)
     batch_images = spawn.Array("q", len(BATCH_BUCKETS) + 2)
@@ -704,7 +720,8 @@ def serve(config: ServeConfig) -> int:
     _install_sigterm(server, config)
     info = _runtime().info
     print(
-        f"mlic serve: {info['name']} ({len(info['labels'])} labels, {config.backend}) on "
+        f"mlic serve: {info['name']} ({len(info['labels'])} labels, {config.backend}, "
+        f"{info['precision']}) on "
         f"http://{host}:{config.port}/  (API docs at /docs)",
         flush=True,
     )

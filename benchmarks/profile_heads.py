@@ -1,0 +1,122 @@
+"""Where a training step goes: per-op profile and thread use of each model's head.
+
+For every model given, builds it with its ``<model>_<recipe>`` recipe's options on the backbone and input size given (random weights, a
+random label set: speed does not depend on them), runs a few warm-up training steps
+(forward, ASL loss, backward, AdamW step) and then profiles ``--steps`` more with
+``torch.profiler``. Prints, per model: the step time, the ratio to ``baseline`` measured in
+the same run, the thread use (process CPU seconds / wall seconds over the timed steps) and
+the ``--top`` operators by self CPU time.
+
+    python benchmarks/profile_heads.py --models baseline,msformer,q2l \
+        --backbone tf_efficientnet_lite0 --image-size 224 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mlic.bench import random_labelset
+from mlic.cli import resolve_config_path
+from mlic.config import load_config
+from mlic.losses import build_loss
+from mlic.models.registry import create_model
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def recipe_kwargs(name: str, recipe: str = "demo") -> dict:
+    """The model options of the model's ``<name>_<recipe>`` recipe: ``demo`` for the head
+    widths used at small sizes, ``voc2007`` for the papers' (ResNet-101) widths."""
+    return dict(load_config(resolve_config_path(f"{name}_{recipe}")).model.kwargs or {})
+
+
+def profile_model(
+    name: str, backbone: str, image_size: int, batch: int, steps: int, warmup: int, top: int,
+    num_classes: int = 20, kwargs: dict | None = None, bf16: bool = False,
+) -> dict:  # fmt: skip
+    """Step time, thread use and the top operators of one model's training step."""
+    torch.manual_seed(0)
+    model = create_model(
+        name, num_classes, labels=random_labelset(num_classes), backbone=backbone,
+        pretrained=False, **(kwargs or {}),
+    )  # fmt: skip
+    model.train().to(memory_format=torch.channels_last)  # as the trainer runs it
+    loss_fn = build_loss("asl", gamma_neg=4.0, gamma_pos=0.0, clip=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, image_size, image_size).contiguous(
+        memory_format=torch.channels_last
+    )  # [B, 3, H, W]
+    y = (torch.rand(batch, num_classes) < 0.1).float()  # [B, C]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            logits = model(x)  # [B, C]
+        loss_fn(logits, y).backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    for _ in range(steps):
+        step()
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(max(1, steps // 2)):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {
+        "model": name,
+        "step_s": wall / steps,
+        "threads_used": cpu / wall,
+        "top_ops": [
+            {"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in ops
+        ],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="baseline,msformer,q2l,ssgrl,aamn,mgsgn,attn_gcn")
+    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--recipe", default="demo", help="model options from <model>_<recipe>")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.amp=bf16)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.backbone}, "
+          f"{args.image_size} px, batch {args.batch_size}")  # fmt: skip
+    results = []
+    for name in args.models.split(","):
+        r = profile_model(
+            name, args.backbone, args.image_size, args.batch_size, args.steps, args.warmup,
+            args.top, kwargs=recipe_kwargs(name, args.recipe), bf16=args.bf16,
+        )  # fmt: skip
+        results.append(r)
+        base = next((q["step_s"] for q in results if q["model"] == "baseline"), None)
+        ratio = f"  {r['step_s'] / base:.2f}x baseline" if base else ""
+        print(f"\n{name}: {r['step_s'] * 1000:.0f} ms/step{ratio}, "
+              f"{r['threads_used']:.2f} threads busy")  # fmt: skip
+        for op in r["top_ops"]:
+            print(f"  {100 * op['share']:5.1f}%  {op['calls']:5d}  {op['op']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

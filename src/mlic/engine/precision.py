@@ -1,0 +1,109 @@
+"""Which floating-point precision a run computes in, and why.
+
+``train.amp`` (and the ``--precision`` of ``predict``, ``eval`` and ``serve``) may be
+``auto``. On a CUDA device ``auto`` is bf16 autocast where the GPU supports it. On a CPU it
+is bf16 autocast only where the CPU has bf16 units: Intel AMX-BF16 (Sapphire Rapids and
+later) or AVX512-BF16 (Intel Cooper Lake and later, AMD Zen 4 and later), whose bf16
+dot-product instructions oneDNN uses for convolutions and matmuls. Elsewhere bf16 is
+emulated in fp32 arithmetic plus conversions and is slower than fp32, so ``auto`` stays fp32.
+
+Autocast keeps the master weights, the optimiser state and the loss in fp32; only the
+matmuls and convolutions (and what autocast lists with them) run in bf16. The measurement
+behind the CPU choice (real VOC photographs, three seeds each, fp32 vs bf16) is in
+``benchmarks/BENCHMARKS.md``.
+
+The CPU's flags are read from ``/proc/cpuinfo`` (Linux). Where that is absent the CPU is
+treated as having no bf16 units (``auto`` = fp32); ``bf16`` can still be asked for.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "BF16_UNITS",
+    "Precision",
+    "autocast",
+    "cpu_bf16_units",
+    "cpu_flags",
+    "resolve_precision",
+]
+
+# /proc/cpuinfo flag -> the name users know
+BF16_UNITS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+CHOICES = ("auto", "off", "fp32", "bf16", "fp16")
+
+
+@cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where ``/proc/cpuinfo`` is absent)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / ARM
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_bf16_units(flags: frozenset[str] | None = None) -> list[str]:
+    """The bf16 units this CPU has, by their usual names (``["AMX-BF16", "AVX512-BF16"]``)."""
+    flags = cpu_flags() if flags is None else flags
+    return [name for flag, name in BF16_UNITS.items() if flag in flags]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: the autocast dtype (None = fp32) and the reason it was chosen."""
+
+    dtype: torch.dtype | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def resolve_precision(
+    setting: str, device: torch.device | str, flags: frozenset[str] | None = None
+) -> Precision:
+    """``auto`` / ``off`` / ``fp32`` / ``bf16`` / ``fp16`` on ``device`` -> a :class:`Precision`.
+
+    ``off`` and ``fp32`` are the same: no autocast. ``flags`` (default: this CPU's) exists so
+    that the choice can be tested for other CPUs.
+    """
+    if setting not in CHOICES:
+        raise ValueError(f"precision {setting!r} is not one of {list(CHOICES)}")
+    device = torch.device(device)
+    if setting in ("off", "fp32"):
+        return Precision(None, f"{setting} asked for")
+    if setting in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if setting == "bf16" else torch.float16
+        return Precision(dtype, f"{setting} asked for")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, "auto: the CUDA device supports bf16")
+        return Precision(None, "auto: this CUDA device has no bf16 support")
+    if device.type != "cpu":
+        return Precision(None, f"auto: fp32 on {device.type}")
+    units = cpu_bf16_units(flags)
+    if units:
+        return Precision(torch.bfloat16, f"auto: the CPU has {' and '.join(units)}")
+    return Precision(None, "auto: the CPU has no bf16 units (AMX-BF16 or AVX512-BF16)")
+
+
+def autocast(device: torch.device | str, precision: Precision):
+    """``torch.autocast`` for ``precision`` on ``device`` (a no-op context for fp32)."""
+    if precision.dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=precision.dtype)
