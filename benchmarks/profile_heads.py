@@ -21,9 +21,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mlic.bench import random_labelset
+from mlic.bench import forward_flops, random_labelset
 from mlic.cli import resolve_config_path
 from mlic.config import load_config
+from mlic.engine.host import retain_freed_memory
 from mlic.losses import build_loss
 from mlic.models.registry import create_model
 
@@ -41,17 +42,21 @@ def recipe_kwargs(name: str, recipe: str = "demo") -> dict:
 
 def profile_model(
     name: str, backbone: str, image_size: int, batch: int, steps: int, warmup: int, top: int,
-    num_classes: int = 20, kwargs: dict | None = None, bf16: bool = False,
+    num_classes: int = 20, kwargs: dict | None = None, bf16: bool = False, fused: bool = True,
 ) -> dict:  # fmt: skip
     """Step time, thread use and the top operators of one model's training step."""
+    retain_freed_memory()  # as mlic train and mlic bench run
     torch.manual_seed(0)
     model = create_model(
         name, num_classes, labels=random_labelset(num_classes), backbone=backbone,
         pretrained=False, **(kwargs or {}),
     )  # fmt: skip
+    gflops = forward_flops(model, image_size) / 1e9  # per image, forward
     model.train().to(memory_format=torch.channels_last)  # as the trainer runs it
+    if steps == 0:  # FLOPs only
+        return {"model": name, "gflops": gflops}
     loss_fn = build_loss("asl", gamma_neg=4.0, gamma_pos=0.0, clip=0.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)  # mlic train: fused
     x = torch.randn(batch, 3, image_size, image_size).contiguous(
         memory_format=torch.channels_last
     )  # [B, 3, H, W]
@@ -77,6 +82,7 @@ def profile_model(
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     return {
         "model": name,
+        "gflops": gflops,
         "step_s": wall / steps,
         "threads_used": cpu / wall,
         "top_ops": [
@@ -91,9 +97,10 @@ def main() -> None:
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (0: FLOPs only)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--unfused", action="store_true", help="for-loop AdamW (before fusing)")
     ap.add_argument("--recipe", default="demo", help="model options from <model>_<recipe>")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.amp=bf16)")
     ap.add_argument("--json", help="write the results here")
@@ -105,12 +112,19 @@ def main() -> None:
         r = profile_model(
             name, args.backbone, args.image_size, args.batch_size, args.steps, args.warmup,
             args.top, kwargs=recipe_kwargs(name, args.recipe), bf16=args.bf16,
+            fused=not args.unfused,
         )  # fmt: skip
         results.append(r)
-        base = next((q["step_s"] for q in results if q["model"] == "baseline"), None)
-        ratio = f"  {r['step_s'] / base:.2f}x baseline" if base else ""
+        base = next((q for q in results if q["model"] == "baseline"), None)
+        flops = f"{r['gflops']:.1f} GFLOPs/img fwd"
+        if base:
+            flops += f" ({r['gflops'] / base['gflops']:.2f}x baseline)"
+        if "step_s" not in r:
+            print(f"{name}: {flops}")
+            continue
+        ratio = f"  {r['step_s'] / base['step_s']:.2f}x baseline" if base else ""
         print(f"\n{name}: {r['step_s'] * 1000:.0f} ms/step{ratio}, "
-              f"{r['threads_used']:.2f} threads busy")  # fmt: skip
+              f"{r['threads_used']:.2f} threads busy, {flops}")  # fmt: skip
         for op in r["top_ops"]:
             print(f"  {100 * op['share']:5.1f}%  {op['calls']:5d}  {op['op']}")
     if args.json:

@@ -6,12 +6,50 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mlic.engine.host import cpu_info, onednn_linear_pays
 from mlic.models import layers
 from mlic.models.layers import CrossAttention, Linear, linear
 
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+@pytest.fixture
+def onednn_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oneDNN route on, whatever this CPU would choose (it is chosen per CPU)."""
+    if not ONEDNN:
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(layers, "_HAS_ONEDNN", True)
+
+
+def _cpu(vendor: str, family: int, flags: str) -> dict[str, object]:
+    return {"vendor": vendor, "family": family, "model": 0, "flags": frozenset(flags.split())}
+
+
+def test_onednn_linear_is_chosen_per_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv("MLIC_ONEDNN_LINEAR", raising=False)
+    zen5 = _cpu("AuthenticAMD", 26, "avx2 avx512f avx512_bf16")
+    zen4 = _cpu("AuthenticAMD", 25, "avx2 avx512f avx512_bf16")
+    zen3 = _cpu("AuthenticAMD", 25, "avx2")
+    xeon = _cpu("GenuineIntel", 6, "avx2 avx512f amx_bf16")
+    assert onednn_linear_pays(zen5)  # full-width AVX-512 that MKL's AMD path does not use
+    assert not any(onednn_linear_pays(c) for c in (zen4, zen3, xeon))
+    monkeypatch.setenv("MLIC_ONEDNN_LINEAR", "1")
+    assert onednn_linear_pays(zen3)
+    monkeypatch.setenv("MLIC_ONEDNN_LINEAR", "0")
+    assert not onednn_linear_pays(zen5)
+    # /proc/cpuinfo as Linux writes it: the first processor's block
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n")  # fmt: skip
+    assert cpu_info(str(info)) == {"vendor": "AuthenticAMD", "family": 26, "model": 2,
+                                   "flags": frozenset({"fpu", "avx512f"})}  # fmt: skip
+    assert cpu_info(str(tmp_path / "absent"))["vendor"] == ""
+
 
 @pytest.mark.parametrize("shape", [(300, 48), (2, 200, 48), (4, 3, 100, 48)])
-def test_onednn_linear_matches_f_linear_forward_and_backward(shape: tuple[int, ...]) -> None:
+def test_onednn_linear_matches_f_linear_forward_and_backward(
+    shape: tuple[int, ...], onednn_route: None
+) -> None:
     torch.manual_seed(0)
     assert layers._onednn_linear_applies(torch.zeros(shape)), "the oneDNN route must be taken"
     x = torch.randn(shape, requires_grad=True)
@@ -31,19 +69,19 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(shape: tuple[int, .
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
-def test_onednn_linear_non_contiguous_input_and_no_bias() -> None:
+def test_onednn_linear_non_contiguous_input_and_no_bias(onednn_route: None) -> None:
     x = torch.randn(48, 600).t()  # [600, 48], not contiguous
     w = torch.randn(16, 48)
     torch.testing.assert_close(linear(x, w, None), F.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
-def test_onednn_linear_falls_back_where_it_does_not_pay() -> None:
+def test_onednn_linear_falls_back_where_it_does_not_pay(onednn_route: None) -> None:
     assert not layers._onednn_linear_applies(torch.zeros(8, 48))  # few rows: BLAS
     assert not layers._onednn_linear_applies(torch.zeros(1000, 48, dtype=torch.float64))
     assert not layers._onednn_linear_applies(torch.zeros(48))  # a vector
 
 
-def test_linear_is_a_drop_in_nn_linear() -> None:
+def test_linear_is_a_drop_in_nn_linear(onednn_route: None) -> None:
     torch.manual_seed(0)
     ours, ref = Linear(48, 40), torch.nn.Linear(48, 40)
     ours.load_state_dict(ref.state_dict())

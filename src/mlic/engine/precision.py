@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
 import torch
+
+from mlic.engine.host import cpu_info
 
 __all__ = [
     "BF16_UNITS",
@@ -39,18 +39,11 @@ BF16_UNITS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 CHOICES = ("auto", "off", "fp32", "bf16", "fp16")
 
 
-@cache
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU feature flags the kernel reports (empty where ``/proc/cpuinfo`` is absent)."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 / ARM
-            return frozenset(value.split())
-    return frozenset()
+    flags = cpu_info(cpuinfo)["flags"]
+    assert isinstance(flags, frozenset)
+    return flags
 
 
 def cpu_bf16_units(flags: frozenset[str] | None = None) -> list[str]:
