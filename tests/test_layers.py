@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlic.engine.host import cpu_info, onednn_linear_pays
+from mlic.engine.host import cpu_info, onednn_linear_min_rows
 from mlic.models import layers
 from mlic.models.layers import CrossAttention, Linear, linear
 
@@ -19,24 +19,25 @@ def onednn_route(monkeypatch: pytest.MonkeyPatch) -> None:
     if not ONEDNN:
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(layers, "_HAS_ONEDNN", True)
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR_MIN_ROWS", 256)
 
 
 def _cpu(vendor: str, family: int, flags: str) -> dict[str, object]:
     return {"vendor": vendor, "family": family, "model": 0, "flags": frozenset(flags.split())}
 
 
-def test_onednn_linear_is_chosen_per_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_onednn_linear_rows_are_chosen_per_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.delenv("MLIC_ONEDNN_LINEAR", raising=False)
     zen5 = _cpu("AuthenticAMD", 26, "avx2 avx512f avx512_bf16")
     zen4 = _cpu("AuthenticAMD", 25, "avx2 avx512f avx512_bf16")
     zen3 = _cpu("AuthenticAMD", 25, "avx2")
     xeon = _cpu("GenuineIntel", 6, "avx2 avx512f amx_bf16")
-    assert onednn_linear_pays(zen5)  # full-width AVX-512 that MKL's AMD path does not use
-    assert not any(onednn_linear_pays(c) for c in (zen4, zen3, xeon))
+    assert onednn_linear_min_rows(zen5) == 256  # full-width AVX-512, unused by MKL on AMD
+    assert all(onednn_linear_min_rows(c) == 1024 for c in (zen4, zen3, xeon))
     monkeypatch.setenv("MLIC_ONEDNN_LINEAR", "1")
-    assert onednn_linear_pays(zen3)
+    assert onednn_linear_min_rows(zen3) == 256
     monkeypatch.setenv("MLIC_ONEDNN_LINEAR", "0")
-    assert not onednn_linear_pays(zen5)
+    assert onednn_linear_min_rows(zen5) is None
     # /proc/cpuinfo as Linux writes it: the first processor's block
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["retain_freed_memory", "cpu_info", "onednn_linear_pays"]
+__all__ = ["retain_freed_memory", "cpu_info", "onednn_linear_min_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +65,30 @@ def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
     return info
 
 
-def onednn_linear_pays(info: dict[str, object] | None = None) -> bool:
-    """Whether large fp32 linear layers should run through oneDNN rather than BLAS here.
+def onednn_linear_min_rows(info: dict[str, object] | None = None) -> int | None:
+    """From how many rows a fp32 linear layer runs faster through oneDNN than through BLAS
+    on this CPU (None: never), as measured (``benchmarks/BENCHMARKS.md`` sections 5, 10).
 
-    PyTorch's BLAS (MKL) takes its AVX2 path on AMD CPUs, oneDNN its AVX-512 one. That pays
-    where AVX-512 runs at full width: AMD Zen 5 and later (family >= 26), measured 1.8-2.2x
-    from 784 rows up (``benchmarks/BENCHMARKS.md`` section 5). Zen 4 (family 25) executes
-    AVX-512 as two 256-bit halves, so both libraries peak alike (209 vs 211 GFLOP/s on the
-    2-vCPU machine of section 10) and the oneDNN route was 0.6-0.9x on the head's shapes;
-    on Intel CPUs MKL uses AVX-512 itself. ``MLIC_ONEDNN_LINEAR=1`` / ``0`` overrides.
+    PyTorch's BLAS (MKL) takes its AVX2 path on AMD CPUs, oneDNN its AVX-512 one. Where
+    AVX-512 runs at full width, AMD Zen 5 and later (family >= 26), oneDNN is 1.0-1.1x at
+    64-320 rows and 1.8-2.2x from 784 rows up: 256. Zen 4 (family 25) runs AVX-512 as two
+    256-bit halves, so neither peaks clearly higher (2048^3: 165-180 vs 162-211 GFLOP/s over
+    two measurements); there MKL was faster
+    fwd + bwd on most shapes below 400 rows (up to 2x), oneDNN on most from 784 rows up
+    (0.9-1.7x, typically 1.1-1.3x): 1024, also the choice elsewhere (Intel's MKL uses
+    AVX-512 itself).
+    ``MLIC_ONEDNN_LINEAR=0`` turns the route off, ``=1`` takes it from 256 rows.
     """
     forced = os.environ.get("MLIC_ONEDNN_LINEAR")
     if forced in ("0", "1"):
-        return forced == "1"
+        return 256 if forced == "1" else None
     info = cpu_info() if info is None else info
     flags = info["flags"]
-    return (
+    full_width_avx512_amd = (
         info["vendor"] == "AuthenticAMD"
         and isinstance(info["family"], int)
         and info["family"] >= 26
         and isinstance(flags, frozenset)
         and "avx512f" in flags
     )
+    return 256 if full_width_avx512_amd else 1024

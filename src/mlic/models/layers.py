@@ -12,16 +12,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mlic.engine.host import onednn_linear_pays
+from mlic.engine.host import onednn_linear_min_rows
 from mlic.models.backbone import create_backbone
 
 __all__ = ["MultiLabelModel", "make_default_cfg", "Linear", "linear"]
 
-# Below this many rows a plain BLAS matmul is as fast as the oneDNN route (measured on the
-# 2-vCPU Zen 5 machine: 1.0-1.1x at 64-320 rows, 1.8-2.2x from 784 rows up).
-ONEDNN_LINEAR_MIN_ROWS = 256
-# once (torch.compile does not trace it): oneDNN is there, and on this CPU it beats BLAS
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and onednn_linear_pays()
+# Below this many rows a plain BLAS matmul is as fast as the oneDNN route on this CPU
+# (measured per CPU kind: mlic.engine.host.onednn_linear_min_rows). Decided once, at import:
+# torch.compile does not trace the decision.
+_MIN_ROWS = onednn_linear_min_rows()
+ONEDNN_LINEAR_MIN_ROWS = _MIN_ROWS or 0
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and _MIN_ROWS is not None
 
 
 def _onednn_linear_applies(x: torch.Tensor) -> bool:
