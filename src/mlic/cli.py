@@ -151,8 +151,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictor = OnnxPredictor.from_checkpoint(ckpt, threads=args.threads)
     else:
         predictor = Predictor.from_checkpoint(ckpt, device=args.device, precision=args.precision)
-    if not args.quiet:
-        print(f"mlic: precision {predictor.precision}", file=sys.stderr)
     heat = Path(args.heatmaps) if args.heatmaps else None
     if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):  # before any work
         raise ConfigError(f"--output {args.output}: must end in .csv or .jsonl")
@@ -164,6 +162,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"no input could be predicted ({len(summary.failed)} failed, the first: "
             f"{summary.failed[0]}){kept}"
         )
+    if not args.quiet:  # after the checks: a bad input still gives one error line
+        print(f"mlic: precision {predictor.precision}", file=sys.stderr)
     if args.output:
         write_predictions(summary.predictions, predictor.names, Path(args.output))
         print(f"{len(summary.predictions)} predictions written to {args.output}")
