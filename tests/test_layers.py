@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlic.engine.host import cpu_info, onednn_linear_min_rows
+from mlic.engine.host import CpuInfo, cpu_info, onednn_linear_min_rows
 from mlic.models import layers
 from mlic.models.layers import CrossAttention, Linear, linear
 
@@ -22,8 +22,8 @@ def onednn_route(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(layers, "ONEDNN_LINEAR_MIN_ROWS", 256)
 
 
-def _cpu(vendor: str, family: int, flags: str) -> dict[str, object]:
-    return {"vendor": vendor, "family": family, "model": 0, "flags": frozenset(flags.split())}
+def _cpu(vendor: str, family: int, flags: str) -> CpuInfo:
+    return CpuInfo(vendor, family, 0, frozenset(flags.split()))
 
 
 def test_onednn_linear_rows_are_chosen_per_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -42,9 +42,8 @@ def test_onednn_linear_rows_are_chosen_per_cpu(monkeypatch: pytest.MonkeyPatch, 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
                     "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n")  # fmt: skip
-    assert cpu_info(str(info)) == {"vendor": "AuthenticAMD", "family": 26, "model": 2,
-                                   "flags": frozenset({"fpu", "avx512f"})}  # fmt: skip
-    assert cpu_info(str(tmp_path / "absent"))["vendor"] == ""
+    assert cpu_info(str(info)) == CpuInfo("AuthenticAMD", 26, 2, frozenset({"fpu", "avx512f"}))
+    assert cpu_info(str(tmp_path / "absent")) == CpuInfo("", -1, -1, frozenset())
 
 
 @pytest.mark.parametrize("shape", [(300, 48), (2, 200, 48), (4, 3, 100, 48)])

@@ -223,12 +223,12 @@ def benchmark(
 ) -> dict[str, Any]:
     """Training and inference speed, latency, memory, FLOPs and FLOP utilisation of one model."""
     from mlic.engine.host import retain_freed_memory
-    from mlic.engine.trainer import autocast_context
+    from mlic.engine.precision import autocast, resolve_precision
     from mlic.losses import build_loss
     from mlic.models.registry import create_model
 
     dev = torch.device(device)
-    amp = {"fp32": "off", "bf16": "bf16"}[precision]
+    amp = resolve_precision(precision, dev)  # once, outside the timed steps
     retained = retain_freed_memory()  # as `mlic train` does
     model = create_model(
         name, num_classes, labels=random_labelset(num_classes), backbone=backbone, pretrained=False
@@ -246,7 +246,7 @@ def benchmark(
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mlic train
 
     def train_step() -> None:
-        with autocast_context(dev, amp):
+        with autocast(dev, amp):
             logits = run(x)
         loss_fn(logits.float(), y).backward()
         opt.step()
@@ -262,7 +262,7 @@ def benchmark(
     train_ips = steps * batch_size / (time.perf_counter() - t0)
 
     model.eval()
-    with torch.inference_mode(), autocast_context(dev, amp):
+    with torch.inference_mode(), autocast(dev, amp):
         run(x)
         _sync(dev)
         t0 = time.perf_counter()

@@ -330,11 +330,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from e
-    # YAML 1.1 reads a bare `off` as false
-    if cfg.data.image_check in ("False", "false"):
-        cfg.data.image_check = "off"
-    if cfg.train.amp in ("False", "false"):
-        cfg.train.amp = "off"
+    for section, key in (("data", "image_check"), ("train", "amp")):
+        if cfg[section][key] in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+            cfg[section][key] = "off"
     _check(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 

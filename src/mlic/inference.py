@@ -214,11 +214,11 @@ class OnnxPredictor(Predictor):
     """
 
     def __init__(self, session: Any, metadata: dict[str, Any]) -> None:
-        from mlic.engine.precision import Precision
+        from mlic.engine.precision import ONNX_RUNTIME
 
         self.session = session
         self.device = torch.device("cpu")
-        self.precision = Precision(None, "the ONNX Runtime graph runs as exported (fp32)")
+        self.precision = ONNX_RUNTIME
         self.model = None  # type: ignore[assignment]
         check = {"model": metadata.get("mlic_model"), "model_kwargs": {}, **metadata}
         validate_metadata(check, "exported model")  # bounds on every value used below

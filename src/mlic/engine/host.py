@@ -7,9 +7,10 @@ import ctypes.util
 import functools
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["retain_freed_memory", "cpu_info", "onednn_linear_min_rows"]
+__all__ = ["retain_freed_memory", "CpuInfo", "cpu_info", "onednn_linear_min_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +45,38 @@ def retain_freed_memory() -> bool:
     return bool(ok)
 
 
-@functools.cache
-def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
+@dataclass(frozen=True)
+class CpuInfo:
     """The first processor's ``vendor`` (``AuthenticAMD``, ``GenuineIntel``), ``family``,
-    ``model`` and ``flags`` as Linux reports them; empty values where ``/proc/cpuinfo`` is
-    absent (other systems), so that every decision made from them falls back to the default."""
-    info: dict[str, object] = {"vendor": "", "family": -1, "model": -1, "flags": frozenset()}
+    ``model`` and feature ``flags`` as Linux reports them; the defaults (unknown) where
+    ``/proc/cpuinfo`` is absent, so that every decision made from them falls back."""
+
+    vendor: str = ""
+    family: int = -1
+    model: int = -1
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+
+@functools.cache
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> CpuInfo:
+    """This machine's :class:`CpuInfo`, read once from ``cpuinfo``."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
-        return info
+        return CpuInfo()
+    found: dict = {}
     for line in text.split("\n\n", 1)[0].splitlines():  # the first processor's block
         key, _, value = (part.strip() for part in line.partition(":"))
         if key == "vendor_id":
-            info["vendor"] = value
+            found["vendor"] = value
         elif key in ("cpu family", "model") and value.isdigit():
-            info["family" if key == "cpu family" else "model"] = int(value)
+            found["family" if key == "cpu family" else "model"] = int(value)
         elif key in ("flags", "Features"):  # x86 / ARM
-            info["flags"] = frozenset(value.split())
-    return info
+            found["flags"] = frozenset(value.split())
+    return CpuInfo(**found)
 
 
-def onednn_linear_min_rows(info: dict[str, object] | None = None) -> int | None:
+def onednn_linear_min_rows(info: CpuInfo | None = None) -> int | None:
     """From how many rows a fp32 linear layer runs faster through oneDNN than through BLAS
     on this CPU (None: never), as measured (``benchmarks/BENCHMARKS.md`` sections 5, 10).
 
@@ -83,12 +94,7 @@ def onednn_linear_min_rows(info: dict[str, object] | None = None) -> int | None:
     if forced in ("0", "1"):
         return 256 if forced == "1" else None
     info = cpu_info() if info is None else info
-    flags = info["flags"]
     full_width_avx512_amd = (
-        info["vendor"] == "AuthenticAMD"
-        and isinstance(info["family"], int)
-        and info["family"] >= 26
-        and isinstance(flags, frozenset)
-        and "avx512f" in flags
+        info.vendor == "AuthenticAMD" and info.family >= 26 and "avx512f" in info.flags
     )
     return 256 if full_width_avx512_amd else 1024

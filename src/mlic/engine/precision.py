@@ -29,6 +29,7 @@ from mlic.engine.host import cpu_info
 
 __all__ = [
     "BF16_UNITS",
+    "ONNX_RUNTIME",
     "Precision",
     "autocast",
     "cpu_bf16_units",
@@ -43,9 +44,7 @@ CHOICES = ("auto", "off", "fp32", "bf16", "fp16")
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU feature flags the kernel reports (empty where ``/proc/cpuinfo`` is absent)."""
-    flags = cpu_info(cpuinfo)["flags"]
-    assert isinstance(flags, frozenset)
-    return flags
+    return cpu_info(cpuinfo).flags
 
 
 def cpu_bf16_units(flags: frozenset[str] | None = None) -> list[str]:
@@ -67,6 +66,10 @@ class Precision:
 
     def __str__(self) -> str:
         return f"{self.name} ({self.reason})"
+
+
+# what an exported ONNX graph computes in: ONNX Runtime runs it as exported
+ONNX_RUNTIME = Precision(None, "the ONNX Runtime graph runs as exported")
 
 
 def resolve_precision(

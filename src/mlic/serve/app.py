@@ -42,7 +42,7 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
-from mlic.engine.precision import Precision, resolve_precision
+from mlic.engine.precision import ONNX_RUNTIME, Precision, resolve_precision
 from mlic.errors import ConfigError
 from mlic.files import file_sha256
 from mlic.serve.validation import (
@@ -110,7 +110,7 @@ def serve_precision(config: ServeConfig) -> Precision:
     """What the inference workers compute in: the torch backend resolves ``--precision`` for
     its device; the ONNX Runtime graph runs as exported (fp32)."""
     if config.backend == "onnxruntime":
-        return Precision(None, "the ONNX Runtime graph runs as exported")
+        return ONNX_RUNTIME
     return resolve_precision(config.precision, config.device)
 
 
