@@ -92,12 +92,22 @@ def test_gcn_shape_and_parameter_count() -> None:
     assert extra == d * C + C  # 1x1 attention conv (no bias) + per-class gate
 
 
-def test_mlgcn_logits_are_max_pooled_feature_times_classifiers() -> None:
-    model = build("mlgcn").eval()
+def perturb_last_gcn_layer(model: torch.nn.Module) -> None:
+    """As after training: the GCN's last layer starts at 0, so the classifiers would be 0."""
+    with torch.no_grad():
+        torch.nn.init.normal_(model.classifiers.gcn.layers[-1].linear.weight, std=0.1)
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_mlgcn_logits_are_pooled_feature_times_classifiers(pool: str) -> None:
+    model = build("mlgcn", pool=pool).eval()
+    perturb_last_gcn_layer(model)
     x = images()
     with torch.no_grad():
         feat = model.backbone(x)[-1]  # [B, D, h, w]
-        expected = feat.amax(dim=(2, 3)) @ model.classifiers().t()
+        pooled = feat.amax(dim=(2, 3)) if pool == "max" else feat.mean(dim=(2, 3))  # [B, D]
+        expected = pooled @ model.classifiers().t()
+        assert expected.abs().max() > 1e-3  # not the trivial all-zero start
         logits, cam = model(x, return_attention=True)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     # CAM = the generated classifiers applied at every position of the last map
@@ -126,8 +136,7 @@ def test_attn_gcn_fusion_gate_is_learned_and_interpolates() -> None:
     assert isinstance(model.gate, torch.nn.Parameter) and model.gate.shape == (C,)
     assert build("attn_gcn", gate="scalar").gate.shape == (1,)
     x = images()
-    with torch.no_grad():  # as after training: the GCN's last layer starts at 0
-        torch.nn.init.normal_(model.classifiers.gcn.layers[-1].linear.weight, std=0.1)
+    perturb_last_gcn_layer(model)
     model.train()
     model(x).sum().backward()
     assert model.gate.grad is not None and model.gate.grad.abs().sum() > 0
@@ -142,6 +151,10 @@ def test_attn_gcn_fusion_gate_is_learned_and_interpolates() -> None:
         model.gate.fill_(-30.0)  # alpha -> 0: ML-GCN's max-pooled feature
         torch.testing.assert_close(
             model(x), feat.amax(dim=(2, 3)) @ weight.t(), rtol=1e-4, atol=1e-4
+        )
+        model.pool = "avg"  # pool="avg": the average-pooled feature instead
+        torch.testing.assert_close(
+            model(x), feat.mean(dim=(2, 3)) @ weight.t(), rtol=1e-4, atol=1e-4
         )
 
 
@@ -178,4 +191,7 @@ def test_forced_learnable_word_vectors_start_from_glove_rows() -> None:
 def test_classes_and_options_are_checked() -> None:
     with pytest.raises(ConfigError, match="gate='softmax'"):
         build("attn_gcn", gate="softmax")
+    for name in MODELS:
+        with pytest.raises(ConfigError, match="pool='mean'"):
+            build(name, pool="mean")
     assert isinstance(build("mlgcn"), MLGCN) and isinstance(build("attn_gcn"), AttnGCN)

@@ -42,6 +42,12 @@ Choices that are OURS in both models, and ablations:
   :func:`mlic.data.labels.mlgcn_adjacency`;
 * ``attn_gcn(gcn=False)``: learnable classifiers instead of GCN-generated ones (the "without
   GCN" ablation);
+* ``pool="max"`` (default, ML-GCN's global max pooling) or ``"avg"``. Max pooling suits
+  ResNet's post-ReLU map; on a map without a final activation (EfficientNet's linear
+  bottleneck) the per-channel maximum is mostly a vector common to every image (on real VOC
+  photos through Lite0: norm 78 against a per-image part of 41; average pooling: 6 against
+  28), which moves every GCN-generated logit together. The demo recipes, on Lite0, use
+  ``"avg"`` (``configs/mlgcn_demo.yaml`` gives the measurement);
 * with ASL, the classifiers that a shared GCN generates rise together (ASL's negatives push
   back weakly, and its probability shift stops pushing once they pass 1 - clip): the demo
   recipes of both models use ML-GCN's BCE (``configs/mlgcn_demo.yaml`` says what was measured).
@@ -66,6 +72,7 @@ from mlic.models.layers import (
     GCNStack,
     LabelEmbedding,
     MultiLabelModel,
+    global_pool,
     label_graph,
 )
 from mlic.models.registry import register_model
@@ -166,9 +173,13 @@ class MLGCN(MultiLabelModel):
         p: float = 0.2,
         negative_slope: float = 0.2,
         adjacency: str = "paper",
+        pool: str = "max",
         drop_path_rate: float = 0.0,
     ) -> None:
+        """``pool``: the image feature by global ``"max"`` pooling (ML-GCN) or ``"avg"``."""
         super().__init__(num_classes, backbone, pretrained, (-1,), drop_path_rate)
+        global_pool(torch.zeros(1, 1, 1, 1), pool)  # an unknown pool fails here, not in forward
+        self.pool = pool
         self.classifiers = GCNClassifierGenerator(
             num_classes,
             self.backbone.channels[-1],
@@ -187,7 +198,7 @@ class MLGCN(MultiLabelModel):
         self, features: list[torch.Tensor], return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = features[-1]  # [B, D, h, w]
-        pooled = x.amax(dim=(2, 3))  # [B, D]
+        pooled = global_pool(x, self.pool)  # [B, D]
         weight = self.classifiers()  # [C, D]
         logits = pooled @ weight.t()  # [B, C]
         if not return_attention:
@@ -217,11 +228,15 @@ class AttnGCN(MultiLabelModel):
         gate_init: float = 0.0,
         adjacency: str = "paper",
         gcn: bool = True,
+        pool: str = "max",
         drop_path_rate: float = 0.0,
     ) -> None:
         """``gcn=False`` is the "without GCN" ablation: learnable classifiers replace the
-        GCN-generated ones (no word vectors, no graph)."""
+        GCN-generated ones (no word vectors, no graph). ``pool``: the global feature by
+        ``"max"`` pooling (ML-GCN) or ``"avg"``."""
         super().__init__(num_classes, backbone, pretrained, (-1,), drop_path_rate)
+        global_pool(torch.zeros(1, 1, 1, 1), pool)  # an unknown pool fails here, not in forward
+        self.pool = pool
         if gate not in ("class", "scalar"):
             raise ConfigError(f"attn_gcn gate={gate!r}: choose 'class' (one per class) or 'scalar'")
         channels = self.backbone.channels[-1]
@@ -256,7 +271,7 @@ class AttnGCN(MultiLabelModel):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = features[-1]  # [B, D, h, w]
         local, maps = self.attention(x, need_weights=return_attention)  # [B, C, D], [B, C, h, w]
-        glob = x.amax(dim=(2, 3))  # [B, D]
+        glob = global_pool(x, self.pool)  # [B, D]
         alpha = self.fusion_weight.unsqueeze(-1)  # [C or 1, 1]
         fused = alpha * local + (1.0 - alpha) * glob.unsqueeze(1)  # [B, C, D]
         weight = self.classifiers()  # [C, D]

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from mlic.engine.host import onednn_linear_min_rows
+from mlic.errors import ConfigError
 from mlic.models.backbone import create_backbone
 
 __all__ = ["MultiLabelModel", "make_default_cfg", "Linear", "linear"]
@@ -144,6 +145,23 @@ class MultiLabelModel(nn.Module):
                 }
             )
         return out
+
+
+GLOBAL_POOLS = ("max", "avg")
+
+
+def global_pool(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """One vector per image from a map: global max (ML-GCN) or average pooling.
+
+    [B, D, h, w] -> [B, D]. Max pooling suits post-ReLU maps (ResNet); on maps without a
+    final activation (EfficientNet's linear bottleneck) it picks one signed outlier per
+    channel, which is why the GCN models offer ``pool="avg"``.
+    """
+    if kind == "max":
+        return x.amax(dim=(2, 3))  # [B, D]
+    if kind == "avg":
+        return x.mean(dim=(2, 3))  # [B, D]
+    raise ConfigError(f"pool={kind!r}: choose one of {', '.join(GLOBAL_POOLS)}")
 
 
 # ----------------------------------------------------------------------------- label graph inputs
