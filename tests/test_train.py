@@ -164,3 +164,23 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(tiny_voc: Path, tmp_path: Pat
     assert float(b["mAP"]) == pytest.approx(float(a["mAP"]), abs=0.1)
     weights = mlic.load_checkpoint(tmp_path / "bf16" / "best.safetensors")[0].state_dict()
     assert all(t.dtype != torch.bfloat16 for t in weights.values())  # fp32 master weights
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_bn_stats_keeps_backbone_statistics(
+    tiny_voc: Path, tmp_path: Path, freeze: bool
+) -> None:
+    """train.freeze_bn_stats: the backbone's BN running statistics stay as they started (here
+    a fresh init: mean 0, var 1) while their scale and shift still train; without it they move."""
+    over = {"train.epochs": "1", "train.ema": "false", "train.freeze_bn_stats": str(freeze).lower()}
+    train(tiny_cfg(tiny_voc, tmp_path, "bn", **over))
+    state = load_file(tmp_path / "bn" / "best.safetensors")
+    means = [
+        v for k, v in state.items() if k.startswith("backbone.") and k.endswith("running_mean")
+    ]
+    scales = [state[k[: -len("running_mean")] + "weight"] for k in state
+              if k.startswith("backbone.") and k.endswith("running_mean")]  # fmt: skip
+    assert means, "the tiny backbone has BatchNorm layers"
+    stats_moved = any(m.abs().max() > 0 for m in means)
+    assert stats_moved is not freeze
+    assert any((s - 1).abs().max() > 0 for s in scales)  # the affine scale trains either way

@@ -180,6 +180,11 @@ class TrainConfig:
     # average forgets the early, near-initial weights in short runs; false: ema_decay from step 1
     ema_warmup: bool = True
     ema_warmup_power: float = 0.75
+    # keep the backbone's BatchNorm running statistics as pretrained (its BN layers in eval
+    # mode while training; their scale and shift still learn), as detection fine-tuning does
+    # with small batches: on small datasets the re-estimated statistics can cost accuracy
+    # (benchmarks/BENCHMARKS.md, section 9.2)
+    freeze_bn_stats: bool = False
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True

@@ -119,6 +119,19 @@ def autocast_context(device: torch.device, amp: str | Precision):
     return precision_autocast(device, amp)
 
 
+def freeze_bn_stats(module: nn.Module) -> int:
+    """Put every BatchNorm layer of ``module`` in eval mode; returns how many.
+
+    In eval mode a BatchNorm normalises with its running statistics and leaves them as they
+    are, while its affine scale and shift keep their gradients. Called after ``.train()``
+    (which would switch them back) at the start of each epoch.
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.eval()
+    return len(layers)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -613,6 +626,9 @@ def train(
     if cfg.model.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.model.drop_path_rate
     model = create_model(cfg.model.name, len(labels.names), labels=labels, **kwargs)
+    if cfg.train.freeze_bn_stats:
+        n_bn = freeze_bn_stats(model.backbone)
+        log.info("backbone BatchNorm statistics frozen (%d layers; scale and shift train)", n_bn)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -751,6 +767,8 @@ def train(
             t0 = time.perf_counter()
             train_sampler.set_epoch(epoch, state.consumed)
             train_model.train()
+            if cfg.train.freeze_bn_stats:
+                freeze_bn_stats(model.backbone)
             loss_acc = torch.zeros((), device=device, dtype=torch.float64)
             n_acc = 0
             done_batches = state.consumed // global_batch
