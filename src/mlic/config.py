@@ -182,7 +182,8 @@ class TrainConfig:
     ema_warmup_power: float = 0.75
     # keep the backbone's BatchNorm running statistics as pretrained (its BN layers in eval
     # mode while training; their scale and shift still learn), as detection fine-tuning does
-    # with small batches: on small datasets the re-estimated statistics can cost accuracy
+    # with small batches. Off by default: on real VOC photos it made msformer train worse,
+    # although re-estimating the statistics alone costs a frozen Lite0 10+ mAP
     # (benchmarks/BENCHMARKS.md, section 9.2)
     freeze_bn_stats: bool = False
     seed: int = 0
