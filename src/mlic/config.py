@@ -184,7 +184,7 @@ class TrainConfig:
     # mode while training; their scale and shift still learn), as detection fine-tuning does
     # with small batches. Off by default: on real VOC photos it made msformer train worse,
     # although re-estimating the statistics alone costs a frozen Lite0 10+ mAP
-    # (benchmarks/BENCHMARKS.md, section 9.2)
+    # (benchmarks/BENCHMARKS.md, section 9.3)
     freeze_bn_stats: bool = False
     seed: int = 0
     device: str = "auto"

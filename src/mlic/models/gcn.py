@@ -46,8 +46,9 @@ Choices that are OURS in both models, and ablations:
   ResNet's post-ReLU map; on a map without a final activation (EfficientNet's linear
   bottleneck) the per-channel maximum is mostly a vector common to every image (on real VOC
   photos through Lite0: norm 78 against a per-image part of 41; average pooling: 6 against
-  28), which moves every GCN-generated logit together. The demo recipes, on Lite0, use
-  ``"avg"`` (``configs/mlgcn_demo.yaml`` gives the measurement);
+  28), which moves every GCN-generated logit together. ``mlgcn_demo`` (Lite0) uses
+  ``"avg"`` (the recipe gives the measurement); ``attn_gcn``, whose attention features carry
+  most of the signal, measured worse with it and keeps ``"max"``;
 * with ASL, the classifiers that a shared GCN generates rise together (ASL's negatives push
   back weakly, and its probability shift stops pushing once they pass 1 - clip): the demo
   recipes of both models use ML-GCN's BCE (``configs/mlgcn_demo.yaml`` says what was measured).
