@@ -17,6 +17,7 @@ from conftest import TINY_BACKBONE
 from mlic.data.labels import LabelSet
 from mlic.errors import ConfigError
 from mlic.models.gcn import MLGCN, AttnGCN, GCNClassifierGenerator
+from mlic.models.layers import GlobalPool
 
 C = 5
 SIZE = 64
@@ -152,7 +153,7 @@ def test_attn_gcn_fusion_gate_is_learned_and_interpolates() -> None:
         torch.testing.assert_close(
             model(x), feat.amax(dim=(2, 3)) @ weight.t(), rtol=1e-4, atol=1e-4
         )
-        model.pool = "avg"  # pool="avg": the average-pooled feature instead
+        model.pool = GlobalPool("avg")  # pool="avg": the average-pooled feature instead
         torch.testing.assert_close(
             model(x), feat.mean(dim=(2, 3)) @ weight.t(), rtol=1e-4, atol=1e-4
         )

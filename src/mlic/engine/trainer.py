@@ -119,17 +119,20 @@ def autocast_context(device: torch.device, amp: str | Precision):
     return precision_autocast(device, amp)
 
 
-def freeze_bn_stats(module: nn.Module) -> int:
-    """Put every BatchNorm layer of ``module`` in eval mode; returns how many.
+def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer (any dimension, SyncBatchNorm included) inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_bn_stats(module: nn.Module) -> None:
+    """Put every BatchNorm layer of ``module`` in eval mode.
 
     In eval mode a BatchNorm normalises with its running statistics and leaves them as they
     are, while its affine scale and shift keep their gradients. Called after ``.train()``
     (which would switch them back) at the start of each epoch.
     """
-    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for layer in layers:
+    for layer in batchnorm_layers(module):
         layer.eval()
-    return len(layers)
 
 
 def seed_everything(seed: int) -> None:
@@ -627,7 +630,7 @@ def train(
         kwargs["drop_path_rate"] = cfg.model.drop_path_rate
     model = create_model(cfg.model.name, len(labels.names), labels=labels, **kwargs)
     if cfg.train.freeze_bn_stats:
-        n_bn = freeze_bn_stats(model.backbone)
+        n_bn = len(batchnorm_layers(model.backbone))  # frozen at each epoch's start
         log.info("backbone BatchNorm statistics frozen (%d layers; scale and shift train)", n_bn)
     model.to(device)
     if cfg.train.channels_last:

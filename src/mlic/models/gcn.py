@@ -71,9 +71,9 @@ from mlic.errors import ConfigError
 from mlic.models.layers import (
     ClassWiseAttention,
     GCNStack,
+    GlobalPool,
     LabelEmbedding,
     MultiLabelModel,
-    global_pool,
     label_graph,
 )
 from mlic.models.registry import register_model
@@ -179,8 +179,7 @@ class MLGCN(MultiLabelModel):
     ) -> None:
         """``pool``: the image feature by global ``"max"`` pooling (ML-GCN) or ``"avg"``."""
         super().__init__(num_classes, backbone, pretrained, (-1,), drop_path_rate)
-        global_pool(torch.zeros(1, 1, 1, 1), pool)  # an unknown pool fails here, not in forward
-        self.pool = pool
+        self.pool = GlobalPool(pool)
         self.classifiers = GCNClassifierGenerator(
             num_classes,
             self.backbone.channels[-1],
@@ -199,7 +198,7 @@ class MLGCN(MultiLabelModel):
         self, features: list[torch.Tensor], return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = features[-1]  # [B, D, h, w]
-        pooled = global_pool(x, self.pool)  # [B, D]
+        pooled = self.pool(x)  # [B, D]
         weight = self.classifiers()  # [C, D]
         logits = pooled @ weight.t()  # [B, C]
         if not return_attention:
@@ -236,8 +235,7 @@ class AttnGCN(MultiLabelModel):
         GCN-generated ones (no word vectors, no graph). ``pool``: the global feature by
         ``"max"`` pooling (ML-GCN) or ``"avg"``."""
         super().__init__(num_classes, backbone, pretrained, (-1,), drop_path_rate)
-        global_pool(torch.zeros(1, 1, 1, 1), pool)  # an unknown pool fails here, not in forward
-        self.pool = pool
+        self.pool = GlobalPool(pool)
         if gate not in ("class", "scalar"):
             raise ConfigError(f"attn_gcn gate={gate!r}: choose 'class' (one per class) or 'scalar'")
         channels = self.backbone.channels[-1]
@@ -272,7 +270,7 @@ class AttnGCN(MultiLabelModel):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = features[-1]  # [B, D, h, w]
         local, maps = self.attention(x, need_weights=return_attention)  # [B, C, D], [B, C, h, w]
-        glob = global_pool(x, self.pool)  # [B, D]
+        glob = self.pool(x)  # [B, D]
         alpha = self.fusion_weight.unsqueeze(-1)  # [C or 1, 1]
         fused = alpha * local + (1.0 - alpha) * glob.unsqueeze(1)  # [B, C, D]
         weight = self.classifiers()  # [C, D]

@@ -147,21 +147,30 @@ class MultiLabelModel(nn.Module):
         return out
 
 
-GLOBAL_POOLS = ("max", "avg")
-
-
-def global_pool(x: torch.Tensor, kind: str) -> torch.Tensor:
+class GlobalPool(nn.Module):
     """One vector per image from a map: global max (ML-GCN) or average pooling.
 
     [B, D, h, w] -> [B, D]. Max pooling suits post-ReLU maps (ResNet); on maps without a
     final activation (EfficientNet's linear bottleneck) it picks one signed outlier per
-    channel, which is why the GCN models offer ``pool="avg"``.
+    channel, which is why the GCN models offer ``pool="avg"``. No parameters: the choice is
+    checked once here, not in every forward.
     """
-    if kind == "max":
-        return x.amax(dim=(2, 3))  # [B, D]
-    if kind == "avg":
+
+    KINDS = ("max", "avg")
+
+    def __init__(self, kind: str = "max") -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ConfigError(f"pool={kind!r}: choose one of {', '.join(self.KINDS)}")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "max":
+            return x.amax(dim=(2, 3))  # [B, D]
         return x.mean(dim=(2, 3))  # [B, D]
-    raise ConfigError(f"pool={kind!r}: choose one of {', '.join(GLOBAL_POOLS)}")
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
 
 
 # ----------------------------------------------------------------------------- label graph inputs
