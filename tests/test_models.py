@@ -150,3 +150,51 @@ def test_baseline_cam_is_classifier_on_feature_map() -> None:
         logits, cam = model(x, return_attention=True)
     # GAP is linear, so the mean of the CAM plus the bias is exactly the logit
     torch.testing.assert_close(cam.mean(dim=(2, 3)) + model.fc.bias, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_class_log_odds_values() -> None:
+    from mlic.models.layers import class_log_odds
+
+    # p = (n + 0.5) / (N + 1): 0 of 9 -> 0.05, 9 of 9 -> 0.95, 4.5 of 9 would be 0.5
+    out = class_log_odds([0, 9, 3], 9)
+    expected = torch.tensor([np.log(0.05 / 0.95), np.log(0.95 / 0.05), np.log(0.35 / 0.65)])
+    torch.testing.assert_close(out, expected.float())
+    with pytest.raises(ConfigError, match="num_images=0"):
+        class_log_odds([1], 0)
+
+
+@pytest.mark.parametrize("name", ["baseline", "csra", "mlgcn", "msformer"])
+def test_prior_bias_starts_at_class_log_odds_and_survives_save_load(
+    name: str, tmp_path: Path
+) -> None:
+    from mlic.models.layers import class_log_odds
+
+    labels = tiny_labels()
+    plain, prior = build(name), build(name, prior_bias=True)  # same seed: same other weights
+    assert plain.prior_bias is None
+    expected = class_log_odds(labels.counts, labels.num_images)
+    torch.testing.assert_close(prior.prior_bias.data, expected)
+    x, _ = fixed_batch()
+    plain.eval(), prior.eval()
+    with torch.no_grad():
+        offset = prior(x) - plain(x)  # [B, C]: exactly the prior, for every image
+        _, maps_plain = plain(x, return_attention=True)
+        _, maps_prior = prior(x, return_attention=True)
+    torch.testing.assert_close(offset, expected.expand_as(offset), rtol=0, atol=1e-5)
+    torch.testing.assert_close(maps_prior, maps_plain)  # the maps are the head's, unshifted
+    # trained like any head parameter (no weight decay: a 1-d tensor)
+    groups = prior.param_groups(1e-3, 0.1, 0.05)
+    (group,) = [g for g in groups if any(p is prior.prior_bias for p in g["params"])]
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 0.0
+    # the checkpoint rebuilds the offset (zeros without labels) and fills it from the state
+    with torch.no_grad():
+        prior.prior_bias.add_(0.25)
+    path = mlic.save_checkpoint(prior, tmp_path / "m.safetensors", labels.names)
+    loaded, _ = mlic.load_checkpoint(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), prior(x), rtol=0, atol=1e-6)
+
+
+def test_prior_bias_bad_value() -> None:
+    with pytest.raises(ConfigError, match="prior_bias='yes'"):
+        build("baseline", prior_bias="yes")

@@ -25,17 +25,17 @@ def has_attention_maps(model: nn.Module) -> bool:
 def grad_cam(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of every class on the backbone's last map: (logits [B, C], maps [B, C, h, w]).
 
-    ``model`` must be an mlic model (``backbone`` + ``forward_head``), so that the last
+    ``model`` must be an mlic model (``backbone`` + ``classify``), so that the last
     feature map is the one every head reads. Runs with gradients whatever the caller's
     mode (one backward pass per class); the model's parameters get no ``.grad``.
     """
-    if not (hasattr(model, "backbone") and hasattr(model, "forward_head")):
+    if not (hasattr(model, "backbone") and hasattr(model, "classify")):
         raise TypeError(f"grad_cam needs an mlic model with a backbone, got {type(model).__name__}")
     with torch.inference_mode(False), torch.enable_grad():
         x = images.detach().clone()  # a normal tensor even if made under inference_mode
         feats = [f.detach().clone().requires_grad_(True) for f in model.backbone(x)]
         last = feats[-1]  # [B, D, h, w]
-        logits = model.forward_head(feats)  # [B, C]
+        logits = model.classify(feats)  # [B, C]
         if isinstance(logits, tuple):
             logits = logits[0]
         maps = []

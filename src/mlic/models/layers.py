@@ -91,6 +91,8 @@ class MultiLabelModel(nn.Module):
 
     default_image_size: int = 448
     paper: dict[str, Any] = {}
+    #: optional learnable per-class logit offset [C] (``add_prior_bias``); None: none
+    prior_bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class MultiLabelModel(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.register_parameter("prior_bias", None)  # a Parameter only after add_prior_bias
         self.backbone = create_backbone(
             backbone, pretrained=pretrained, out_indices=out_indices, drop_path_rate=drop_path_rate
         )
@@ -120,11 +123,44 @@ class MultiLabelModel(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def classify(
+        self, features: list[torch.Tensor], return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``forward_head`` plus the class-prior offset when the model has one."""
+        out = self.forward_head(features, return_attention=return_attention)
+        if self.prior_bias is None:
+            return out
+        if isinstance(out, tuple):
+            return out[0] + self.prior_bias, out[1]  # [B, C], maps unchanged
+        return out + self.prior_bias  # [B, C]
+
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # x: [B, 3, H, W] -> logits [B, C] (, maps [B, C, h, w])
-        return self.forward_head(self.backbone(x), return_attention=return_attention)
+        return self.classify(self.backbone(x), return_attention=return_attention)
+
+    def add_prior_bias(self, labels: Any | None) -> None:
+        """Add a learnable per-class logit offset that starts at each class's prior log-odds.
+
+        Why: with a zero-mean pooled feature (EfficientNet's linear bottleneck) a head can
+        express a class prior only through a bias, and heads without one (CSRA, ML-GCN's
+        generated classifiers) or with a bias at PyTorch's near-zero default start every
+        class at p ~ 0.5, where VOC's typical prior is ~0.07; AdamW then needs thousands of
+        steps to move the bias there (BENCHMARKS section 9.4). The prior initialisation of
+        RetinaNet (Lin et al., ICCV 2017), per class: ``log(p_c / (1 - p_c))`` with
+        ``p_c = (n_c + 0.5) / (N + 1)`` from the training split's ``labels`` (a LabelSet);
+        zeros without labels (a model rebuilt from a checkpoint, whose state fills it).
+        """
+        if labels is None:
+            init = torch.zeros(self.num_classes)
+        else:
+            init = class_log_odds(labels.counts, labels.num_images)
+            if init.numel() != self.num_classes:
+                raise ConfigError(
+                    f"prior_bias: labels have {init.numel()} classes, model {self.num_classes}"
+                )
+        self.prior_bias = nn.Parameter(init)
 
     def param_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict]:
         """Backbone vs head parameter groups; no weight decay on norms and biases."""
@@ -145,6 +181,19 @@ class MultiLabelModel(nn.Module):
                 }
             )
         return out
+
+
+def class_log_odds(counts: Sequence[int] | Any, num_images: int) -> torch.Tensor:
+    """[C] log-odds of each class being present, smoothed: ``p = (n + 0.5) / (N + 1)``.
+
+    The half-count keeps a class absent from (or present in every image of) the split at a
+    finite value instead of -inf (+inf).
+    """
+    if num_images <= 0:
+        raise ConfigError(f"class prior: num_images={num_images}, need a non-empty split")
+    n = torch.as_tensor(counts, dtype=torch.float64)  # [C]
+    p = (n + 0.5) / (num_images + 1.0)
+    return torch.log(p / (1.0 - p)).float()
 
 
 class GlobalPool(nn.Module):

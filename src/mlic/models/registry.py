@@ -63,14 +63,25 @@ def create_model(
         labels: the training split's :class:`~mlic.data.labels.LabelSet` for models that
             need a label graph or word vectors; optional for the others.
         **kwargs: model options (``backbone=``, ``pretrained=``, model-specific keys).
+            ``prior_bias=True``, for every model, adds a learnable per-class logit offset
+            started at the training split's class log-odds (taken from ``labels``; see
+            :meth:`~mlic.models.layers.MultiLabelModel.add_prior_bias`).
     """
     fn = model_entrypoint(name)
     if labels is not None and labels.num_classes != num_classes:
         raise ConfigError(f"labels has {labels.num_classes} classes but num_classes={num_classes}")
+    options = dict(kwargs)
+    prior_bias = options.pop("prior_bias", False)
+    if not isinstance(prior_bias, bool):
+        raise ConfigError(f"model {name!r}: prior_bias={prior_bias!r}, expected true or false")
     try:
-        model = fn(num_classes=num_classes, labels=labels, **kwargs)
+        model = fn(num_classes=num_classes, labels=labels, **options)
     except TypeError as e:
         raise ConfigError(f"model {name!r}: {e}") from e
+    if prior_bias:
+        if not hasattr(model, "add_prior_bias"):
+            raise ConfigError(f"model {name!r} does not support prior_bias")
+        model.add_prior_bias(labels)
     model.mlic_name = name  # type: ignore[attr-defined]
     model.mlic_kwargs = dict(kwargs)  # type: ignore[attr-defined]
     return model
