@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mlic
 from conftest import TINY_BACKBONE
@@ -16,6 +17,7 @@ from mlic.cli import main
 from mlic.config import load_config
 from mlic.engine.checkpoint import atomic_write, load_resume
 from mlic.engine.trainer import TrainingStopped, train
+from mlic.errors import ConfigError
 
 
 def tiny_cfg(voc: Path, out: Path, name: str, **over: str):
@@ -184,3 +186,34 @@ def test_freeze_bn_stats_keeps_backbone_statistics(
     stats_moved = any(m.abs().max() > 0 for m in means)
     assert stats_moved is not freeze
     assert any((s - 1).abs().max() > 0 for s in scales)  # the affine scale trains either way
+
+
+@pytest.mark.parametrize("warmup", [1, 0])
+def test_head_warmup_leaves_the_backbone_as_pretrained(
+    tiny_voc: Path, tmp_path: Path, warmup: int
+) -> None:
+    """train.head_warmup_epochs: during the warm-up only the head trains; the backbone's
+    weights and BatchNorm statistics stay exactly those of the pretrained file."""
+    torch.manual_seed(3)
+    net = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=0)
+    weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(weights, tmp_path / "backbone.safetensors")
+    over = {"train.epochs": "1", "train.ema": "false", "train.head_warmup_epochs": str(warmup),
+            "model.pretrained_file": str(tmp_path / "backbone.safetensors")}  # fmt: skip
+    train(tiny_cfg(tiny_voc, tmp_path, "warm", **over))
+    state = load_file(tmp_path / "warm" / "best.safetensors")
+    body = {k.removeprefix("backbone.body."): v for k, v in state.items()
+            if k.startswith("backbone.body.")}  # fmt: skip
+    assert set(weights) - {k for k in weights if k.endswith("num_batches_tracked")} <= set(body)
+    moved = [k for k in body if k in weights and not torch.equal(body[k], weights[k])]
+    if warmup:
+        assert moved == []
+    else:  # fine-tuned from the first step: weights and statistics move
+        assert any(k.endswith("running_mean") for k in moved)
+        assert any("conv" in k and k.endswith(".weight") for k in moved)  # a convolution
+    assert state["fc.weight"].abs().sum() > 0  # the head trained either way
+
+
+def test_head_warmup_longer_than_the_run_is_refused(tiny_voc: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train.head_warmup_epochs=3 must be in \[0, "):
+        tiny_cfg(tiny_voc, tmp_path, "x", **{"train.head_warmup_epochs": "3"})

@@ -186,6 +186,11 @@ class TrainConfig:
     # although re-estimating the statistics alone costs a frozen Lite0 10+ mAP
     # (benchmarks/BENCHMARKS.md, section 9.3)
     freeze_bn_stats: bool = False
+    # train the head alone for this many first epochs (backbone weights and BatchNorm
+    # statistics as pretrained), then everything: linear probing before fine-tuning (LP-FT,
+    # Kumar et al., ICLR 2022), so a randomly initialised deep head does not send its early,
+    # meaningless gradients into the pretrained features. 0: fine-tune from the first step
+    head_warmup_epochs: int = 0
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True
@@ -274,6 +279,11 @@ def _check(cfg: DictConfig) -> None:
         )
     if not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in (0, 1)")
+    if not 0 <= cfg.train.head_warmup_epochs <= cfg.train.epochs:
+        raise ConfigError(
+            f"train.head_warmup_epochs={cfg.train.head_warmup_epochs} must be in "
+            f"[0, train.epochs={cfg.train.epochs}]"
+        )
     if not cfg.train.ema_warmup_power > 0:
         raise ConfigError(f"train.ema_warmup_power={cfg.train.ema_warmup_power} must be > 0")
     if not 0.0 < cfg.data.calibration_fraction < 1.0:

@@ -135,6 +135,17 @@ def freeze_bn_stats(module: nn.Module) -> None:
         layer.eval()
 
 
+def drop_grads(module: nn.Module) -> None:
+    """Forget the gradients of ``module``'s parameters, so the optimiser leaves them as they are.
+
+    ``grad=None`` (not zero): AdamW and SGD skip such a parameter entirely (no step, no weight
+    decay, no moment update). Used for the head warm-up (``train.head_warmup_epochs``); under
+    DDP the gradients were still computed and reduced, which keeps every rank's reducer happy.
+    """
+    for p in module.parameters():
+        p.grad = None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -632,6 +643,9 @@ def train(
     if cfg.train.freeze_bn_stats:
         n_bn = len(batchnorm_layers(model.backbone))  # frozen at each epoch's start
         log.info("backbone BatchNorm statistics frozen (%d layers; scale and shift train)", n_bn)
+    if cfg.train.head_warmup_epochs:
+        log.info("head warm-up: the backbone stays as pretrained for the first %d epoch(s)",
+                 cfg.train.head_warmup_epochs)  # fmt: skip
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -770,7 +784,8 @@ def train(
             t0 = time.perf_counter()
             train_sampler.set_epoch(epoch, state.consumed)
             train_model.train()
-            if cfg.train.freeze_bn_stats:
+            head_only = epoch < cfg.train.head_warmup_epochs  # the backbone stays as it is
+            if cfg.train.freeze_bn_stats or head_only:
                 freeze_bn_stats(model.backbone)
             loss_acc = torch.zeros((), device=device, dtype=torch.float64)
             n_acc = 0
@@ -800,6 +815,8 @@ def train(
                 done_batches += 1
                 state.consumed += global_batch
                 if done_batches % cfg.train.accum_steps == 0 or done_batches == batches_per_epoch:
+                    if head_only:
+                        drop_grads(model.backbone)
                     if cfg.optim.grad_clip:
                         scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
