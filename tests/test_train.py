@@ -214,6 +214,30 @@ def test_head_warmup_leaves_the_backbone_as_pretrained(
     assert state["fc.weight"].abs().sum() > 0  # the head trained either way
 
 
+def test_zero_backbone_lr_freezes_the_backbone(tiny_voc: Path, tmp_path: Path) -> None:
+    """optim.backbone_lr_mult=0 is linear probing: the backbone's weights stay exactly the
+    pretrained file's (no gradient is computed for them), its BN statistics freeze with
+    train.freeze_bn_stats, and the head trains."""
+    torch.manual_seed(4)
+    net = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=0)
+    weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(weights, tmp_path / "backbone.safetensors")
+    over = {"train.epochs": "1", "train.ema": "false", "optim.backbone_lr_mult": "0",
+            "train.freeze_bn_stats": "true",
+            "model.pretrained_file": str(tmp_path / "backbone.safetensors")}  # fmt: skip
+    train(tiny_cfg(tiny_voc, tmp_path, "probe", **over))
+    state = load_file(tmp_path / "probe" / "best.safetensors")
+    body = {k.removeprefix("backbone.body."): v for k, v in state.items()
+            if k.startswith("backbone.body.")}  # fmt: skip
+    assert set(weights) - {k for k in weights if k.endswith("num_batches_tracked")} <= set(body)
+    assert [k for k in body if k in weights and not torch.equal(body[k], weights[k])] == []
+    assert state["fc.weight"].abs().sum() > 0
+    # the optimiser was given the head's parameters only (fc weight and bias)
+    resume = torch.load(tmp_path / "probe" / "last.resume.pt", weights_only=True)
+    held = [i for g in resume["optimizer"]["param_groups"] for i in g["params"]]
+    assert len(held) == 2
+
+
 def test_head_warmup_longer_than_the_run_is_refused(tiny_voc: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train.head_warmup_epochs=3 must be in \[0, "):
         tiny_cfg(tiny_voc, tmp_path, "x", **{"train.head_warmup_epochs": "3"})

@@ -155,7 +155,7 @@ class OptimConfig:
     weight_decay: float = 1e-2
     momentum: float = 0.9  # SGD only
     nesterov: bool = False  # SGD only; ML-GCN, CSRA and SSGRL use plain momentum
-    backbone_lr_mult: float = 1.0  # ML-GCN and SSGRL train the backbone at 0.1x
+    backbone_lr_mult: float = 1.0  # ML-GCN and SSGRL train the backbone at 0.1x; 0 freezes it
     grad_clip: float | None = None
 
 
