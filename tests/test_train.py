@@ -188,24 +188,35 @@ def test_freeze_bn_stats_keeps_backbone_statistics(
     assert any((s - 1).abs().max() > 0 for s in scales)  # the affine scale trains either way
 
 
+def _pretrained_backbone_file(tmp_path: Path, seed: int) -> tuple[Path, dict]:
+    """A random tiny backbone saved as a pretrained safetensors file, and its weights."""
+    torch.manual_seed(seed)
+    net = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=0)
+    weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(weights, tmp_path / "backbone.safetensors")
+    return tmp_path / "backbone.safetensors", weights
+
+
+def _moved_backbone_weights(state: dict, weights: dict) -> list[str]:
+    """Names of the pretrained backbone tensors that a trained checkpoint ``state`` changed."""
+    body = {k.removeprefix("backbone.body."): v for k, v in state.items()
+            if k.startswith("backbone.body.")}  # fmt: skip
+    assert set(weights) - {k for k in weights if k.endswith("num_batches_tracked")} <= set(body)
+    return [k for k in body if k in weights and not torch.equal(body[k], weights[k])]
+
+
 @pytest.mark.parametrize("warmup", [1, 0])
 def test_head_warmup_leaves_the_backbone_as_pretrained(
     tiny_voc: Path, tmp_path: Path, warmup: int
 ) -> None:
     """train.head_warmup_epochs: during the warm-up only the head trains; the backbone's
     weights and BatchNorm statistics stay exactly those of the pretrained file."""
-    torch.manual_seed(3)
-    net = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=0)
-    weights = {k: v.contiguous() for k, v in net.state_dict().items()}
-    save_file(weights, tmp_path / "backbone.safetensors")
+    path, weights = _pretrained_backbone_file(tmp_path, seed=3)
     over = {"train.epochs": "1", "train.ema": "false", "train.head_warmup_epochs": str(warmup),
-            "model.pretrained_file": str(tmp_path / "backbone.safetensors")}  # fmt: skip
+            "model.pretrained_file": str(path)}  # fmt: skip
     train(tiny_cfg(tiny_voc, tmp_path, "warm", **over))
     state = load_file(tmp_path / "warm" / "best.safetensors")
-    body = {k.removeprefix("backbone.body."): v for k, v in state.items()
-            if k.startswith("backbone.body.")}  # fmt: skip
-    assert set(weights) - {k for k in weights if k.endswith("num_batches_tracked")} <= set(body)
-    moved = [k for k in body if k in weights and not torch.equal(body[k], weights[k])]
+    moved = _moved_backbone_weights(state, weights)
     if warmup:
         assert moved == []
     else:  # fine-tuned from the first step: weights and statistics move
@@ -218,19 +229,12 @@ def test_zero_backbone_lr_freezes_the_backbone(tiny_voc: Path, tmp_path: Path) -
     """optim.backbone_lr_mult=0 is linear probing: the backbone's weights stay exactly the
     pretrained file's (no gradient is computed for them), its BN statistics freeze with
     train.freeze_bn_stats, and the head trains."""
-    torch.manual_seed(4)
-    net = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=0)
-    weights = {k: v.contiguous() for k, v in net.state_dict().items()}
-    save_file(weights, tmp_path / "backbone.safetensors")
+    path, weights = _pretrained_backbone_file(tmp_path, seed=4)
     over = {"train.epochs": "1", "train.ema": "false", "optim.backbone_lr_mult": "0",
-            "train.freeze_bn_stats": "true",
-            "model.pretrained_file": str(tmp_path / "backbone.safetensors")}  # fmt: skip
+            "train.freeze_bn_stats": "true", "model.pretrained_file": str(path)}  # fmt: skip
     train(tiny_cfg(tiny_voc, tmp_path, "probe", **over))
     state = load_file(tmp_path / "probe" / "best.safetensors")
-    body = {k.removeprefix("backbone.body."): v for k, v in state.items()
-            if k.startswith("backbone.body.")}  # fmt: skip
-    assert set(weights) - {k for k in weights if k.endswith("num_batches_tracked")} <= set(body)
-    assert [k for k in body if k in weights and not torch.equal(body[k], weights[k])] == []
+    assert _moved_backbone_weights(state, weights) == []
     assert state["fc.weight"].abs().sum() > 0
     # the optimiser was given the head's parameters only (fc weight and bias)
     resume = torch.load(tmp_path / "probe" / "last.resume.pt", weights_only=True)

@@ -642,7 +642,7 @@ def train(
     model = create_model(cfg.model.name, len(labels.names), labels=labels, **kwargs)
     if cfg.optim.backbone_lr_mult == 0:
         # a frozen backbone (linear probing): no gradient is computed for it at all, which
-        # skips its backward pass (about two thirds of a step's cost), and the optimiser
+        # skips its backward pass (for a CNN about twice its forward), and the optimiser
         # holds no state for it; its BatchNorm statistics follow train.freeze_bn_stats
         model.backbone.requires_grad_(False)
         log.info("backbone frozen (optim.backbone_lr_mult=0): only the head trains")
