@@ -3,11 +3,11 @@
 A quick proxy for chasing learning-quality problems (BENCHMARKS.md section 9.2-9.3) without
 paying for full fine-tuning runs: the backbone (pretrained, eval mode, so its BatchNorm uses
 the ImageNet statistics) computes the maps of the ``train`` and ``val`` images once; then only
-the head trains, with AdamW, the recipes' linear warm-up (half an epoch) and cosine decay,
-for as many steps as the full run takes (6 epochs of 579 images at batch 32: 108). No
-augmentation. It separates "the head cannot learn this" from "fine-tuning the backbone
-under this head goes wrong": a head that does well here and badly in full fine-tuning points
-at the second.
+the head trains, with AdamW and the learning-rate schedule of ``demo.yaml`` (the trainer's
+own scheduler: linear warm-up over half an epoch, then cosine), for as many epochs as the
+demo recipes (6 epochs of 579 images at batch 32: 108 steps). No augmentation. It separates
+"the head cannot learn this" from "fine-tuning the backbone under this head goes wrong": a
+head that does well here and badly in full fine-tuning points at the second.
 
     python benchmarks/head_probe.py --models baseline,attn_gcn,mlgcn --loss bce
     python benchmarks/head_probe.py --models attn_gcn --kwargs gcn=false --seeds 0,1
@@ -19,7 +19,6 @@ mean absolute val logit (a sign of run-away classifiers).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -28,9 +27,12 @@ import torch
 import yaml
 from PIL import Image
 
+from mlic.cli import resolve_config_path
+from mlic.config import load_config
 from mlic.data.labels import LabelSet
 from mlic.data.transforms import build_transform
 from mlic.data.voc import load_voc
+from mlic.engine.trainer import build_scheduler
 from mlic.losses import build_loss
 from mlic.metrics import average_precision_per_class
 from mlic.models.registry import create_model
@@ -85,19 +87,13 @@ def train_head(model, train, val, args, seed: int) -> tuple[float, float, float]
     params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     per_epoch = len(ytr) // args.batch_size
-    warm = max(1, per_epoch // 2)
-
-    def factor(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    recipe = load_config(resolve_config_path("demo"), [f"train.epochs={args.epochs}"])
+    sched = build_scheduler(opt, recipe, per_epoch)
     crit = build_loss(args.loss)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    step, loss = 0, torch.zeros(())
-    while step < args.steps:
+    loss = torch.zeros(())
+    for _ in range(args.epochs):
         perm = torch.randperm(len(ytr), generator=gen)
         for i in range(0, per_epoch * args.batch_size, args.batch_size):
             idx = perm[i : i + args.batch_size]
@@ -107,9 +103,6 @@ def train_head(model, train, val, args, seed: int) -> tuple[float, float, float]
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
-            if step >= args.steps:
-                break
     model.eval()
     with torch.no_grad():
         logits = torch.cat(
@@ -128,7 +121,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--loss", default="bce")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--steps", type=int, default=108)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--cache", help="folder to keep the computed maps in, for later calls")
