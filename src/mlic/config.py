@@ -185,8 +185,8 @@ class TrainConfig:
     # with small batches. Off by default. The q2l, ssgrl and mgsgn demo recipes turn it on
     # with the backbone at 0.1x (optim.backbone_lr_mult): together they lift those deep heads
     # on real VOC photos by 8-12 mAP, while frozen statistics with the backbone at the full
-    # rate made msformer worse and the linear baseline loses with both; attn_gcn_demo and
-    # msformer_demo freeze the backbone outright (backbone_lr_mult 0) and keep it on
+    # rate made msformer worse and the linear baseline loses with both; attn_gcn_demo,
+    # mlgcn_demo and msformer_demo freeze the backbone outright (backbone_lr_mult 0) and keep it on
     # (benchmarks/BENCHMARKS.md, section 9.3)
     freeze_bn_stats: bool = False
     # train the head alone for this many first epochs (backbone weights and BatchNorm
