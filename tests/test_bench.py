@@ -60,3 +60,20 @@ def test_bench_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         r["matmul_peak_blas_gflops"], r["matmul_peak_onednn_gflops"]
     )
     assert matmul_peak(__import__("torch").device("cpu"), n=256, reps=2) > 0
+
+
+def test_bench_checks_its_data_folder_before_timing_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong ``--data`` is reported at once, not after minutes of model timing."""
+    import mlic.bench as bench
+    from mlic.errors import DataError
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before --data was checked")
+
+    monkeypatch.setattr("mlic.models.registry.create_model", no_model)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "nowhere", tmp_path / "empty"):
+        with pytest.raises(DataError, match=folder.name):
+            bench.benchmark("baseline", backbone=TINY_BACKBONE, image_size=32, data=str(folder))

@@ -22,6 +22,7 @@ __all__ = [
     "matmul_peaks",
     "benchmark",
     "data_loader_speed",
+    "jpeg_files",
     "gpu_decode_speed",
 ]
 
@@ -148,11 +149,29 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 256) -> float:
+def jpeg_files(folder: str | Path) -> list[Path]:
+    """The ``.jpg`` files under ``folder``, sorted; a missing or JPEG-less folder is a DataError.
+
+    ``benchmark`` calls this before it builds and times the model, so that a wrong ``--data``
+    is reported at once rather than after the model's timing.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{folder}: no such folder (bench --data needs a folder of JPEGs)")
+    files = sorted(root.rglob("*.jpg"))
+    if not files:
+        raise DataError(f"{folder}: no .jpg files (bench --data needs a folder of JPEGs)")
+    return files
+
+
+def data_loader_speed(
+    folder: str | list[Path], image_size: int, workers: int, limit: int = 256
+) -> float:
     """Images/s of the training input pipeline (decode + resize + augment) over a folder of JPEGs.
 
-    The mean over a timed epoch that follows an untimed one, so that starting the (persistent)
-    worker processes is not counted; a folder with fewer than ``limit`` files is cycled.
+    ``folder`` may also be the list ``jpeg_files`` returned for it. The mean over a timed epoch
+    that follows an untimed one, so that starting the (persistent) worker processes is not
+    counted; a folder with fewer than ``limit`` files is cycled.
     """
     from itertools import islice
 
@@ -162,9 +181,7 @@ def data_loader_speed(folder: str, image_size: int, workers: int, limit: int = 2
     from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader
     from mlic.data.transforms import build_transform
 
-    files = sorted(Path(folder).rglob("*.jpg"))
-    if not files:
-        raise DataError(f"{folder}: no .jpg files (bench --data needs a folder of JPEGs)")
+    files = folder if isinstance(folder, list) else jpeg_files(folder)
     files = list(islice(cycle(files), limit))  # the first `limit` files, cycled if fewer
     ann = Annotations(names=["x"], images=files, targets=np.zeros((len(files), 1), dtype=np.int8))
     # what `mlic train`'s workers ship: uint8, normalised later on the training device
@@ -227,6 +244,7 @@ def benchmark(
     from mlic.losses import build_loss
     from mlic.models.registry import create_model
 
+    data_files = jpeg_files(data) if data else None  # a wrong --data fails before the timing
     dev = torch.device(device)
     amp = resolve_precision(precision, dev)  # once, outside the timed steps
     retained = retain_freed_memory()  # as `mlic train` does
@@ -302,8 +320,8 @@ def benchmark(
         "train_flop_utilisation": train_flops / peak,
         "inference_flop_utilisation": flops * infer_ips / peak,
     }
-    if data:
-        out["data_images_per_s"] = data_loader_speed(data, image_size, workers)
+    if data_files:
+        out["data_images_per_s"] = data_loader_speed(data_files, image_size, workers)
         out["data_workers"] = workers
         out["data_images_per_s_per_worker"] = out["data_images_per_s"] / max(workers, 1)
     return out
