@@ -25,6 +25,7 @@ from mlic.data.transforms import (
     decode_image,
     device_decodable_jpeg,
 )
+from mlic.engine.host import release_inherited_heap
 from mlic.errors import DataError
 from mlic.files import MAX_IMAGE_BYTES, read_regular_bytes
 
@@ -193,6 +194,11 @@ class _NamedErrorLoader(DataLoader):
 
     #: messages of the images skipped (``skip_bad``) since the list was last cleared
     skipped: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # workers drop the free heap they inherit: see release_inherited_heap
+        kwargs.setdefault("worker_init_fn", release_inherited_heap)
+        super().__init__(*args, **kwargs)
 
     def __iter__(self) -> Iterator:
         if not hasattr(self, "skipped"):
