@@ -27,6 +27,17 @@ _INT_MAX = 2**31 - 1
 
 
 @functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc (not musl, not macOS), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@functools.cache
 def retain_freed_memory() -> bool:
     """Keep memory that tensors free inside the process instead of handing it back to the OS.
 
@@ -41,10 +52,8 @@ def retain_freed_memory() -> bool:
 
     Process-wide and idempotent; a no-op returning False where the C library is not glibc.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only (not musl, not macOS)
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         log.debug("not glibc: malloc settings left as they are")
         return False
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
@@ -63,12 +72,10 @@ def release_inherited_heap(worker_id: int = 0) -> bool:
     ``worker_init_fn`` of mlic's loaders (``worker_id`` is that hook's argument); a no-op
     returning False where the C library is not glibc.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
-    trim(0)
+    libc.malloc_trim(0)
     return True
 
 
