@@ -1,7 +1,8 @@
 """Generic CSV: ``image,labels`` with ``;``-separated label names per row.
 
 The header row is required (``image,labels``). Class order is the sorted set of names seen,
-unless ``class_names`` is given (then an unknown name is an error naming the line). A row
+unless ``class_names`` is given (then an unknown name is an error naming the line); names
+that differ only by case or surrounding whitespace are refused. A row
 with an empty label list is an image with no labels: kept, and named in
 ``Annotations.warnings``.
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
+from mlic.data.labels import check_class_names
 from mlic.errors import DataError
 from mlic.files import read_regular_text
 
@@ -78,6 +80,7 @@ def load_csv(
     names = (
         list(class_names) if class_names is not None else sorted({n for _, ns in rows for n in ns})
     )
+    names = check_class_names(names, str(path))  # "Person" and "person": refused, both named
     col = {n: i for i, n in enumerate(names)}
     targets = np.zeros((len(rows), len(names)), dtype=np.int8)
     for r, (_, ns) in enumerate(rows):

@@ -20,6 +20,18 @@ by mlic's own decoder from the encoded bytes) and ``data.label_column`` the labe
   ``"0" .. "C-1"``),
 * a list of plain int ids otherwise (names from ``data.classes``, else ``"0" ..``).
 
+Labels are right or refused, naming the row and column: a class id must be a whole number
+``0 .. C-1`` (a negative id is not "the last class"; without names at most
+:data:`~mlic.data.labels.MAX_INFERRED_CLASSES` classes are inferred from ids). An int column is
+multi-hot when its values are all 1 / 0 / -1 and its rows as long as ``data.classes`` (or,
+without names, when a row repeats a value or holds -1); then every row must have that length.
+Class names that differ only by case or surrounding whitespace are refused.
+
+An image cell with encoded bytes is decoded from them. A cell with only a ``path`` is read
+only when that path lies inside the dataset's own folder (``data.root``; for a Hub id, the
+Hugging Face caches) and is a regular file: a downloaded dataset cannot make mlic read
+``/etc/passwd`` or block on a FIFO.
+
 Streamed sets are read in each rank's main process (``data.workers`` does not apply): inside a
 torch worker ``datasets`` would give the worker only some of its shards, and the number of
 samples per rank would no longer be known in advance.
@@ -38,6 +50,7 @@ from __future__ import annotations
 
 import glob
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +60,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from mlic.data.labels import LabelSet
+from mlic.data.labels import MAX_INFERRED_CLASSES, LabelSet, check_class_names
 from mlic.data.transforms import apply_seeded, decode_image
 from mlic.data.wds import _mix, record_bad_sample
 from mlic.errors import DataError
+from mlic.files import MAX_ANNOTATION_BYTES, MAX_IMAGE_BYTES, read_regular_bytes, read_regular_text
 
 __all__ = ["HFSource", "open_hf_split", "hf_datasets", "hf_eval_dataset", "HFImageDataset"]
 
@@ -58,6 +72,8 @@ log = logging.getLogger("mlic")
 
 STATS_SAMPLES = 10_000
 SHUFFLE_BUFFER = 1_000
+#: Most rows a streamed split's metadata may claim (its split info is a file too).
+MAX_STREAM_ROWS = 10**10
 
 
 def _datasets():
@@ -84,11 +100,26 @@ class HFSource:
     targets: np.ndarray | None = None  # [N, C] int8 (map-style only)
     num_samples: int = 0
     stats: LabelSet | None = field(default=None, repr=False)
+    image_roots: tuple[Path, ...] = ()  # folders path-only image cells may name
 
     def label_set(self) -> LabelSet:
         if self.stats is not None:
             return self.stats
         return LabelSet.from_targets(self.names, self.targets)  # type: ignore[arg-type]
+
+    def fingerprint(self) -> str:
+        """A short hash of the split's labels (all rows; streamed: the first rows'
+        statistics and the row count): a resume on relabelled data sees another value."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.names}\0{self.num_samples}".encode())
+        if self.targets is not None:
+            h.update(np.ascontiguousarray(self.targets, dtype=np.int8).tobytes())
+        else:
+            stats = self.label_set()
+            h.update(np.ascontiguousarray(stats.cooccurrence, dtype=np.int64).tobytes())
+            h.update(np.ascontiguousarray(stats.counts, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
 
 
 def _is_saved(root: Path) -> bool:
@@ -107,8 +138,9 @@ def _parquet_files(root: Path, which: str) -> list[str]:
     return files
 
 
-def _load(data_cfg: Any, which: str) -> tuple[Any, str]:
-    """The ``datasets`` object of split ``which`` and a description for messages."""
+def _load(data_cfg: Any, which: str) -> tuple[Any, str, int | None]:
+    """The ``datasets`` object of split ``which``, a description for messages and, where
+    known from the data itself, its number of rows."""
     datasets = _datasets()
     root = Path(data_cfg.root)
     streaming = bool(data_cfg.streaming)
@@ -119,13 +151,15 @@ def _load(data_cfg: Any, which: str) -> tuple[Any, str]:
                 raise DataError(f"{root}: no split {which!r} (has {sorted(ds)})")
             ds = ds[which]
         return (
-            ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds)))) if streaming else ds
-        ), f"{root}[{which}]"
+            (ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds)))) if streaming else ds),
+            f"{root}[{which}]",
+            len(ds),
+        )
     if root.is_dir():
         files = _parquet_files(root, which)
         ds = datasets.load_dataset("parquet", data_files={"split": files}, split="split",
                                    streaming=streaming)  # fmt: skip
-        return ds, f"{root}/{which}"
+        return ds, f"{root}/{which}", None
     if root.exists():
         raise DataError(
             f"{root}: not a datasets folder (save_to_disk) or a folder of parquet files"
@@ -137,7 +171,21 @@ def _load(data_cfg: Any, which: str) -> tuple[Any, str]:
         raise DataError(
             f"{data_cfg.root}: cannot load Hub dataset split {which!r} ({first})"
         ) from e
-    return ds, f"{data_cfg.root}[{which}]"
+    return ds, f"{data_cfg.root}[{which}]", None
+
+
+def _image_roots(data_cfg: Any) -> tuple[Path, ...]:
+    """Where path-only image cells may point: the dataset's folder, or for a Hub id the
+    Hugging Face caches its files were downloaded and extracted to."""
+    root = Path(data_cfg.root)
+    if root.is_dir():
+        return (root.resolve(),)
+    import datasets.config
+    from huggingface_hub import constants
+
+    return tuple(
+        Path(p).resolve() for p in (datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE)
+    )
 
 
 def _classes_file(data_cfg: Any) -> list[str] | None:
@@ -148,7 +196,104 @@ def _classes_file(data_cfg: Any) -> list[str] | None:
         path = Path(data_cfg.root) / path
     if not path.exists():
         raise DataError(f"{path}: class-name file not found (data.classes)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = read_regular_text(path, "class-name file", MAX_ANNOTATION_BYTES)
+    return check_class_names(
+        [line.strip() for line in text.splitlines() if line.strip()], str(path)
+    )
+
+
+class _CellError(ValueError):
+    """A label cell that cannot be encoded; the caller names its row and column."""
+
+
+def _ids(cell: Any) -> list[int]:
+    """A cell's class ids as ints (numpy ints accepted; bools, floats, text refused)."""
+    if cell is None or isinstance(cell, (str, bytes)):
+        raise _CellError(f"expected a list of class ids, got {cell!r:.60}")
+    out = []
+    for v in cell:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise _CellError(f"class id {v!r:.40} is not a whole number")
+        out.append(int(v))
+    return out
+
+
+def _ids_encoder(c: int) -> Callable[[Any], np.ndarray]:
+    def from_ids(cell: Any) -> np.ndarray:
+        t = np.zeros(c, np.int8)
+        for v in _ids(cell):
+            if not 0 <= v < c:
+                raise _CellError(
+                    f"class id {v} is {'negative' if v < 0 else 'out of range'} "
+                    f"(the {c} classes have ids 0..{c - 1})"
+                )
+            t[v] = 1
+        return t
+
+    return from_ids
+
+
+def _vector_encoder(c: int) -> Callable[[Any], np.ndarray]:
+    def from_vector(cell: Any) -> np.ndarray:
+        if cell is None or isinstance(cell, (str, bytes)):
+            raise _CellError(f"expected a multi-hot list, got {cell!r:.60}")
+        t = np.asarray(cell, dtype=np.float32)
+        if t.shape != (c,):
+            raise _CellError(f"multi-hot row of length {t.size}, the column's rows have {c}")
+        if not np.isin(t, (-1, 0, 1)).all():
+            raise _CellError(f"multi-hot labels must be 1/0/-1, got {sorted(set(t.tolist()))[:5]}")
+        return t.astype(np.int8)
+
+    return from_vector
+
+
+def encode_cell(src: HFSource | tuple[Callable, str, str], cell: Any, row: int) -> np.ndarray:
+    """``encode(cell)``, or a DataError naming the split, ``row`` and the label column."""
+    encode, source, column = (
+        (src.encode, src.source, src.label_column) if isinstance(src, HFSource) else src
+    )
+    try:
+        return encode(cell)
+    except (_CellError, TypeError, ValueError) as e:
+        raise DataError(f"{source}: row {row}, column {column!r}: {e}") from None
+
+
+def _numeric_encoder(
+    rows: list[Any], length: int | None, is_float: bool, classes: list[str] | None, where: str
+) -> tuple[list[str], Callable[[Any], np.ndarray]]:
+    """Multi-hot or class-id encoder for an int/float list column (see the module doc)."""
+    rows = [r for r in rows if r is not None and not isinstance(r, (str, bytes))]
+    lengths = Counter(len(r) for r in rows)
+    common = lengths.most_common(1)[0][0] if lengths else 0
+    ternary = all(v in (-1, 0, 1) for r in rows for v in r)
+    # an id list never repeats an id or holds -1; a multi-hot row does (ternary: hashable)
+    marked = ternary and any(-1 in r or len(set(r)) < len(r) for r in rows)
+    fixed = length not in (-1, None)
+    by_names = classes is not None and common == len(classes)
+    if (
+        fixed
+        or is_float
+        or (ternary and common >= 2 and (by_names or (classes is None and marked)))
+    ):
+        c = length if fixed else (len(classes) if classes else common)
+        if classes is not None and c != len(classes):
+            raise DataError(f"{where}: rows have {c} values, data.classes lists {len(classes)}")
+        if c > MAX_INFERRED_CLASSES and classes is None:
+            raise DataError(f"{where}: {c:,} values per row; give the class names (data.classes)")
+        return classes or [str(i) for i in range(c)], _vector_encoder(c)
+    if classes is not None:
+        return classes, _ids_encoder(len(classes))
+    top = 0
+    for i, r in enumerate(rows):
+        for v in r:
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= top:
+                if v >= MAX_INFERRED_CLASSES:
+                    raise DataError(
+                        f"{where}: row {i}: class id {v} -- at most {MAX_INFERRED_CLASSES:,} "
+                        "classes are inferred from ids; give the class names (data.classes)"
+                    )
+                top = int(v)
+    return [str(i) for i in range(top + 1)], _ids_encoder(top + 1)
 
 
 def _label_encoder(feature: Any, column: str, source: str, first_rows: list[Any],
@@ -157,54 +302,29 @@ def _label_encoder(feature: Any, column: str, source: str, first_rows: list[Any]
     datasets = _datasets()
     inner = getattr(feature, "feature", None)
     length = getattr(feature, "length", -1)
+    where = f"{source}, column {column!r}"
     if inner is None:
         raise DataError(f"{source}: label column {column!r} must be a list/sequence, got {feature}")
     if isinstance(inner, datasets.ClassLabel):
-        names = list(classes or inner.names)
-        return names, _ids_encoder(names)
+        names = check_class_names(list(classes or inner.names), where)
+        return names, _ids_encoder(len(names))
     dtype = str(getattr(inner, "dtype", ""))
     if dtype in ("string", "large_string"):
-        names = classes or sorted({n for row in first_rows for n in row})
+        names = classes or sorted({n for row in first_rows if row for n in row})
+        names = check_class_names(names, where)
         col = {n: i for i, n in enumerate(names)}
 
         def from_names(cell: Any) -> np.ndarray:
             t = np.zeros(len(names), np.int8)
             for n in cell:
                 if n not in col:
-                    raise DataError(
-                        f"{source}: label {n!r} is not a known class (set data.classes)"
-                    )
+                    raise _CellError(f"label {n!r:.80} is not a known class (set data.classes)")
                 t[col[n]] = 1
             return t
 
         return names, from_names
-    rows_len = {len(r) for r in first_rows}
-    multi_hot = (length not in (-1, None) or dtype.startswith("float")
-                 or (classes is not None and rows_len == {len(classes)}))  # fmt: skip
-    if multi_hot:
-        c = length if length not in (-1, None) else (len(classes) if classes else rows_len.pop())
-        names = classes or [str(i) for i in range(c)]
-
-        def from_vector(cell: Any) -> np.ndarray:
-            t = np.asarray(cell, dtype=np.float32)
-            if t.shape != (len(names),) or not np.isin(t, (-1, 0, 1)).all():
-                raise DataError(f"{source}: multi-hot labels must be {len(names)} values of 1/0/-1")
-            return t.astype(np.int8)
-
-        return names, from_vector
-    names = classes or [
-        str(i) for i in range(1 + max((max(r) for r in first_rows if r), default=0))
-    ]
-    return names, _ids_encoder(names)
-
-
-def _ids_encoder(names: list[str]) -> Callable[[Any], np.ndarray]:
-    def from_ids(cell: Any) -> np.ndarray:
-        t = np.zeros(len(names), np.int8)
-        t[np.asarray(cell, dtype=np.int64)] = 1
-        return t
-
-    return from_ids
+    names, encode = _numeric_encoder(first_rows, length, dtype.startswith("float"), classes, where)
+    return check_class_names(names, where), encode
 
 
 def _label_cells(ds: Any, column: str, limit: int | None = None) -> list[Any]:
@@ -224,7 +344,7 @@ def open_hf_split(data_cfg: Any, split: str, class_names: list[str] | None = Non
     (map-style) the target matrix; ``class_names`` fixes the val split's class order."""
     datasets = _datasets()
     which = data_cfg.train if split == "train" else data_cfg.val
-    ds, source = _load(data_cfg, which)
+    ds, source, rows = _load(data_cfg, which)
     features = ds.features
     img_col, lab_col = data_cfg.image_column, data_cfg.label_column
     for col in (img_col, lab_col):
@@ -240,41 +360,86 @@ def open_hf_split(data_cfg: Any, split: str, class_names: list[str] | None = Non
     names, encode = _label_encoder(features[lab_col], lab_col, source, first, classes)
     if class_names is not None and names != list(class_names):
         raise DataError(f"{source}: classes differ from the training split's {list(class_names)}")
+    how = (encode, source, lab_col)
+    roots = _image_roots(data_cfg)
     if not data_cfg.streaming:
         limit = data_cfg.max_train_images if split == "train" else data_cfg.max_val_images
         if limit is not None and limit < len(ds):
             ds = ds.select(range(limit))
         cells = _label_cells(ds, lab_col)
         targets = (
-            np.stack([encode(c) for c in cells]) if cells else np.zeros((0, len(names)), np.int8)
+            np.stack([encode_cell(how, c, i) for i, c in enumerate(cells)])
+            if cells
+            else np.zeros((0, len(names)), np.int8)
         )
-        return HFSource(ds, names, img_col, lab_col, encode, source, False, targets, len(targets))
-    n = None
-    info = getattr(ds, "info", None)
-    if info is not None and info.splits and which in info.splits:
-        n = info.splits[which].num_examples or None
+        return HFSource(
+            ds,
+            names,
+            img_col,
+            lab_col,
+            encode,
+            source,
+            False,
+            targets,
+            len(targets),
+            image_roots=roots,
+        )
+    n = rows or _split_rows(ds, which, source)
     if n is None:
         n = sum(1 for _ in ds.select_columns([lab_col]))  # one pass over the labels only
-    stats = LabelSet.from_targets(names, np.stack([encode(c) for c in first]))
+    stats = LabelSet.from_targets(
+        names, np.stack([encode_cell(how, c, i) for i, c in enumerate(first)])
+    )
     stats.num_images = n
-    return HFSource(ds, names, img_col, lab_col, encode, source, True, None, n, stats)
+    return HFSource(ds, names, img_col, lab_col, encode, source, True, None, n, stats, roots)
 
 
-def _image_bytes(cell: Any, where: str) -> tuple[bytes, str]:
-    """Encoded bytes of an image cell (``{"bytes", "path"}``, bytes, or a path)."""
+def _split_rows(ds: Any, which: str, source: str) -> int | None:
+    """The row count a streamed split's metadata states (checked against the stream as it
+    is read: :class:`HFStreamSet`), bounded; None when it states none."""
+    info = getattr(ds, "info", None)
+    if info is None or not info.splits or which not in info.splits:
+        return None
+    n = info.splits[which].num_examples
+    if n is None or n == 0:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_STREAM_ROWS:
+        raise DataError(
+            f"{source}: split info num_examples={n!r:.40} is not a row count 1..{MAX_STREAM_ROWS:,}"
+        )
+    return n
+
+
+def _cell_path(text: str, where: str, roots: tuple[Path, ...]) -> Path:
+    """The file a path-only image cell names, if it lies inside ``roots`` (relative paths:
+    from the first); else a DataError. Symbolic links are resolved before the check."""
+    path = Path(text)
+    if not path.is_absolute():
+        if not roots:
+            raise DataError(f"{where}: relative image path {text!r:.200} and no dataset folder")
+        path = roots[0] / path
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in roots):
+        raise DataError(
+            f"{where}: image path {text!r:.200} is outside the dataset's folder "
+            f"({roots[0] if roots else 'none'}); store the image bytes in the dataset"
+        )
+    return real
+
+
+def _image_bytes(cell: Any, where: str, roots: tuple[Path, ...] = ()) -> tuple[bytes, str]:
+    """Encoded bytes of an image cell (``{"bytes", "path"}``, bytes, or a path); a path is
+    read only inside ``roots`` and only from a regular file (see the module docstring)."""
     if isinstance(cell, dict):
         if cell.get("bytes"):
-            return cell["bytes"], cell.get("path") or where
+            return cell["bytes"], str(cell.get("path") or where)
         if cell.get("path"):
-            path = Path(cell["path"])
-            try:
-                return path.read_bytes(), str(path)
-            except OSError as e:
-                raise DataError(f"{path}: cannot read image ({e.strerror})") from e
+            path = _cell_path(str(cell["path"]), where, roots)
+            return read_regular_bytes(path, "image", MAX_IMAGE_BYTES), str(path)
     if isinstance(cell, bytes):
         return cell, where
     if isinstance(cell, str):
-        return _image_bytes({"path": cell}, where)
+        return _image_bytes({"path": cell}, where, roots)
     raise DataError(f"{where}: image cell holds neither bytes nor a path")
 
 
@@ -287,7 +452,7 @@ class _Decode:
         self.raw_bytes = raw_bytes
 
     def sample(self, row: dict, where: str, seed: int | None) -> torch.Tensor:
-        data, name = _image_bytes(row[self.src.image_column], where)
+        data, name = _image_bytes(row[self.src.image_column], where, self.src.image_roots)
         if self.raw_bytes:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # [L]
         img = decode_image(Path(name), self.draft_size, data=data)  # [3, H, W] uint8
@@ -337,6 +502,7 @@ class HFStreamSet(IterableDataset):
         self.bad_log = str(bad_log) if bad_log else None
         self.epoch = 0
         self.start = 0
+        self.bad_in_a_row = 0
         readers = world_size * max(self.workers, 1)
         per_reader = -(-src.num_samples // readers)
         self.samples_per_reader = -(-per_reader // batch_size) * batch_size
@@ -362,7 +528,8 @@ class HFStreamSet(IterableDataset):
         return ds
 
     def _bad(self, message: str) -> None:
-        record_bad_sample(message, self.skip_bad, self.bad_log, self.epoch)
+        self.bad_in_a_row += 1  # bounded: a stream of nothing but bad rows ends the pass
+        record_bad_sample(message, self.skip_bad, self.bad_log, self.epoch, self.bad_in_a_row)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -385,8 +552,9 @@ class HFStreamSet(IterableDataset):
         q = 0  # this reader's position; the stream's p-th sample is ours when p % readers == reader
         pending: list[int] = []
         while True:
-            got = False
+            got, rows = False, 0
             for p, row in enumerate(self._stream()):
+                rows = p + 1
                 if p % readers != reader:
                     continue
                 if q >= length and not pending:
@@ -416,6 +584,11 @@ class HFStreamSet(IterableDataset):
                 q += 1
             if q >= length and not pending:
                 return
+            if rows < self.src.num_samples:  # the split info over-counts: no endless rounds
+                raise DataError(
+                    f"{self.src.source}: its split info says {self.src.num_samples:,} rows, the "
+                    f"stream ended after {rows:,}"
+                )
             if not got and q >= skip:
                 raise DataError(f"{self.src.source}: no readable sample for reader {reader}")
 
@@ -425,12 +598,14 @@ class HFStreamSet(IterableDataset):
         """``(image, target float [C])`` of a streamed row, or None for a skipped bad one."""
         try:
             target = torch.from_numpy(
-                self.src.encode(row[self.src.label_column]).astype(np.float32)
+                encode_cell(self.src, row[self.src.label_column], p).astype(np.float32)
             )
-            return self.dec.sample(row, f"{self.src.source}#{p}", seed), target
+            item = self.dec.sample(row, f"{self.src.source}#{p}", seed), target
         except DataError as e:
             self._bad(str(e))
             return None
+        self.bad_in_a_row = 0
+        return item
 
 
 def _stream_set(src: HFSource, d: Any, tf: Callable, size: int, train: bool, seed: int,

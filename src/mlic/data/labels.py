@@ -7,6 +7,8 @@ build the graph would leak them), and saved as JSON + ``.npy`` without pickle.
 from __future__ import annotations
 
 import json
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,11 +20,61 @@ from mlic.errors import DataError
 
 __all__ = [
     "ADJACENCY_VARIANTS",
+    "MAX_CLASSES",
+    "MAX_INFERRED_CLASSES",
     "LabelSet",
+    "check_class_names",
     "mlgcn_adjacency",
     "normalize_adjacency",
     "load_word_vectors",
 ]
+
+
+#: Most classes a label set may have (class ids and name lists read from data files are
+#: bounded by it: one hostile id must not build billions of names). Open Images' full label
+#: space (19,957) fits; the [C, C] co-occurrence statistics of 20,000 classes take 3.2 GB.
+MAX_CLASSES = 20_000
+#: Most classes inferred from bare class ids when no names are given (``"0" .. "N-1"``).
+MAX_INFERRED_CLASSES = 10_000
+#: Longest class name accepted (characters).
+MAX_NAME_CHARS = 1_000
+
+
+def _name_key(name: str) -> str:
+    """What two names must not share: the same text up to case, Unicode form and
+    surrounding whitespace ("Person", "person ", "PERSON" are one class to a reader)."""
+    return unicodedata.normalize("NFC", name).strip().casefold()
+
+
+def check_class_names(names: Sequence[object], where: str = "class names") -> list[str]:
+    """``names`` as a list of str, or a DataError naming ``where`` and the culprit.
+
+    Refused: more than :data:`MAX_CLASSES` names, a name that is not a string, is empty or
+    longer than :data:`MAX_NAME_CHARS`, and two names that differ only by case or surrounding
+    whitespace (two columns a reader takes for one class; both are named).
+    """
+    if len(names) > MAX_CLASSES:
+        raise DataError(f"{where}: {len(names):,} classes (at most {MAX_CLASSES:,})")
+    seen: dict[str, str] = {}
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise DataError(f"{where}: class #{i} is {type(name).__name__}, not a name")
+        if not name.strip() or len(name) > MAX_NAME_CHARS:
+            what = "empty" if not name.strip() else f"longer than {MAX_NAME_CHARS} characters"
+            raise DataError(f"{where}: class #{i} name {name[:60]!r} is {what}")
+        key = _name_key(name)
+        if key in seen:
+            other = seen[key]
+            how = (
+                "are the same name twice"
+                if other == name
+                else "differ only by case or surrounding whitespace"
+            )
+            raise DataError(
+                f"{where}: class names {other!r} and {name!r} {how}; rename or merge them"
+            )
+        seen[key] = name
+    return list(names)  # type: ignore[arg-type]
 
 
 def _positive(targets: np.ndarray) -> np.ndarray:
@@ -48,6 +100,10 @@ class LabelSet:
     cooccurrence: np.ndarray
     num_images: int = 0
     word_vectors: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        # every format's training labels pass here: case twins are refused, whatever the loader
+        self.names = check_class_names(self.names, "training split")
 
     @classmethod
     def from_targets(cls, names: list[str], targets: np.ndarray) -> LabelSet:

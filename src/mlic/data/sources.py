@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlic.data.dataset import SeededSampler, _NamedErrorLoader, collate_raw
 
-__all__ = ["STREAM_FORMATS", "open_sources", "build_source_loaders", "open_eval_source"]
+__all__ = [
+    "STREAM_FORMATS",
+    "open_sources",
+    "build_source_loaders",
+    "open_eval_source",
+    "stream_signature",
+]
 
 log = logging.getLogger("mlic")
 
@@ -48,6 +54,18 @@ def open_sources(data_cfg: Any) -> tuple[Any, Any]:
     train = _open(data_cfg, "train")
     val = _open(data_cfg, "val", class_names=list(train.names))
     return train, val
+
+
+def stream_signature(train: Any, val: Any) -> dict[str, Any]:
+    """What a resume must find unchanged in streamed data, as the trainer keeps for image
+    lists: each split's size and a hash of its labels (shard checksums and statistics, or
+    an HF split's targets) -- shards re-packed with two labels swapped differ."""
+    return {
+        "train_images": train.num_samples,
+        "train_data": train.fingerprint(),
+        "val_images": val.num_samples,
+        "val_data": val.fingerprint(),
+    }
 
 
 class _CountingLoader(_NamedErrorLoader):

@@ -2,9 +2,10 @@
 
 Why WebDataset (the ``webdataset`` library) rather than litdata: a shard is a plain POSIX tar
 file any tool can list, copy, checksum or serve over HTTP/S3, with no server-side index and
-no framework-specific chunk format; ``webdataset`` writes them (``ShardWriter``), expands
-brace patterns and opens ``https://`` (curl) and ``pipe:`` streams. Reading is a
-sequential pass over each tar, which is what makes a streamed ``https://`` or ``s3://``
+no framework-specific chunk format, readable by ``webdataset`` and any other WebDataset
+reader. mlic writes them with :mod:`tarfile` (fixed time stamps: the same data packs to the
+same bytes) and streams ``https://`` / ``s3://`` through ``curl`` / ``aws`` itself. Reading
+is a sequential pass over each tar, which is what makes a streamed ``https://`` or ``s3://``
 shard as cheap as a local one.
 
 **Layout.** ``mlic data pack`` writes ``shard-000000.tar, shard-000001.tar, ...``; sample
@@ -33,6 +34,22 @@ its samples are done; it skips whole shards by their counts in the index and the
 member by member, without decoding. Mid-epoch resume is exact with the same ``W`` and
 ``data.workers`` (another world size restarts the epoch's shard assignment).
 
+**Hostile indexes and shards.** ``dataset.json`` is checked field by field (one error naming
+the file and key): shard names must be plain file names inside the index's own folder (no
+path, ``..``, URL or ``pipe:``; no symbolic link out of the folder), counts whole numbers in
+bounds and plausible for the shard's size on disk. Only the data spec the user typed may be a
+``pipe:`` command; ``https://`` and ``s3://`` run ``curl`` / ``aws s3 cp`` with an argument
+list, never a shell. A tar member larger than :data:`~mlic.files.MAX_IMAGE_BYTES` (16 MiB
+for ``.json``) is refused from its header, before any of it is read or decompressed; a
+shard is read as plain or gzip-, bz2- or xz-compressed tar. With ``data.skip_bad_images``,
+:data:`MAX_BAD_IN_A_ROW` bad samples in a row end the pass: skipping is for bad samples, not
+for a dataset that holds none.
+
+**Packing is restartable.** Each shard is written under a temporary name (``.shard-*.tar
+.partial``) and renamed when complete; ``dataset.json`` comes last. A pack killed midway
+leaves its lock file ``.mlic-pack``; a re-run into that folder removes what the unfinished
+pack wrote and starts again.
+
 **Bad data.** A truncated or corrupt shard raises :class:`~mlic.errors.DataError` naming the
 shard (and how far it got); an undecodable image names ``shard/key.ext``. With
 ``data.skip_bad_images=true`` such samples are skipped -- logged, appended to the run's
@@ -42,11 +59,16 @@ next good sample of the same reader, so the step count (and resume positions) st
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import re
+import stat
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +79,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mlic.data import Annotations
-from mlic.data.labels import LabelSet
+from mlic.data.labels import LabelSet, check_class_names
 from mlic.data.transforms import apply_seeded, decode_image
+from mlic.engine.faults import maybe_kill  # a leaf module (as mlic.files uses it): the kill tests
 from mlic.errors import DataError
-from mlic.files import file_sha256
+from mlic.files import MAX_IMAGE_BYTES, file_sha256, read_regular_bytes, write_text
 
 __all__ = [
     "INDEX_NAME",
+    "MAX_BAD_IN_A_ROW",
     "ShardIndex",
     "ShardInfo",
     "ShardTrainSet",
@@ -79,6 +103,25 @@ log = logging.getLogger("mlic")
 
 INDEX_NAME = "dataset.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
+PACK_LOCK = ".mlic-pack"
+
+# Bounds on what an index or a shard may claim: a hostile file must not exhaust the machine.
+#: Largest ``dataset.json`` read (bytes).
+MAX_INDEX_BYTES = 1 << 30
+#: Most shards one index may list, and most samples one shard may claim.
+MAX_SHARDS = 1_000_000
+MAX_SHARD_SAMPLES = 100_000_000
+#: Largest ``.json`` (labels) member of a sample; other members: MAX_IMAGE_BYTES.
+MAX_JSON_MEMBER_BYTES = 16 << 20
+#: Most tar members per sample (skipped ones included) before a shard counts as corrupt.
+MAX_MEMBERS_PER_SAMPLE = 64
+#: Bad samples in a row after which a reader stops even with ``data.skip_bad_images``.
+MAX_BAD_IN_A_ROW = 10_000
+#: Most shard URLs one brace pattern may expand to.
+MAX_PATTERN_URLS = 1_000_000
+# A shard name in an index: one plain file name (no folder, scheme, pipe: or leading dot).
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=-]{0,254}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 
 
@@ -101,6 +144,111 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+class _ShardWriter:
+    """Writes ``shard-%06d.tar`` files into ``out``, each under a temporary name
+    (``.shard-NNNNNN.tar.partial``) until it is complete, fsynced and renamed: a killed pack
+    never leaves a truncated file under a shard's name. Members carry a fixed time stamp, so
+    packing the same data with the same seed gives the same bytes (and SHA-256)."""
+
+    def __init__(self, out: Path, max_bytes: int, max_count: int) -> None:
+        self.out = out
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.done: list[tuple[str, int]] = []  # (name, samples) of the complete shards
+        self._file: BinaryIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._size = 0
+
+    @property
+    def name(self) -> str:
+        return f"shard-{len(self.done):06d}.tar"
+
+    def _partial(self) -> Path:
+        return self.out / f".{self.name}.partial"
+
+    def write(self, key: str, members: dict[str, bytes]) -> str:
+        """Add one sample (``{ext: bytes}``); returns the name of the shard it went to."""
+        if self._tar is not None and (
+            self._count >= self.max_count or self._size >= self.max_bytes
+        ):
+            self._finish()
+        if self._tar is None:
+            self._file = open(self._partial(), "wb")  # noqa: SIM115 -- closed by _finish/abort
+            self._tar = tarfile.open(  # noqa: SIM115 -- closed by _finish
+                fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT
+            )
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "bigdata"  # as webdataset's writer
+            self._tar.addfile(info, io.BytesIO(data))
+            self._size += len(data)
+        self._count += 1
+        return self.name
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._file is not None
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._partial(), self.out / self.name)
+        self.done.append((self.name, self._count))
+        self._tar, self._file, self._count, self._size = None, None, 0, 0
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._finish()
+
+    def abort(self) -> None:
+        """Drop the shard being written (an error midway): only complete shards remain."""
+        if self._file is not None:
+            if self._tar is not None:
+                with contextlib.suppress(Exception):  # its last blocks into the doomed file
+                    self._tar.close()
+            self._file.close()
+            self._partial().unlink(missing_ok=True)
+        self._tar = self._file = None
+
+
+def _claim_pack_folder(out: Path) -> BinaryIO:
+    """Lock ``out`` for one pack (``.mlic-pack``, an flock the kernel drops if the pack is
+    killed); remove what an unfinished, killed pack left there. Returns the open lock file.
+
+    A folder with ``dataset.json`` holds a finished pack, and shards without an index or a
+    pack lock are not ours to remove: both are refused.
+    """
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / INDEX_NAME).exists():
+        raise DataError(f"{out}: already holds shards; pack into an empty folder")
+    unfinished = (out / PACK_LOCK).exists()
+    if not unfinished and any(out.glob("shard-*.tar")):
+        raise DataError(
+            f"{out}: holds shard-*.tar files but no {INDEX_NAME}, not from an unfinished "
+            "`mlic data pack`; pack into an empty folder"
+        )
+    lock = open(out / PACK_LOCK, "a+b")  # noqa: SIM115 -- held until the pack ends
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise DataError(f"{out}: another `mlic data pack` is writing this folder") from None
+    if unfinished:
+        left = [
+            p
+            for p in out.iterdir()
+            if re.fullmatch(r"(\.)?shard-\d{6}\.tar(\.partial)?", p.name) and p.is_file()
+        ]
+        for p in left:
+            p.unlink()
+        log.warning("%s: removed %d file(s) of an unfinished pack; packing again", out, len(left))
+    return lock
+
+
 def pack_shards(
     ann: Annotations,
     out: str | Path,
@@ -111,38 +259,35 @@ def pack_shards(
 ) -> dict[str, Any]:
     """Write ``ann`` as WebDataset shards + ``dataset.json`` into ``out``; returns the index.
 
-    Image files are copied byte for byte (no re-encoding). Samples go in a ``seed``-ed
-    random order. A shard is closed once it holds ``shard_size`` bytes (or
-    ``max_samples_per_shard`` samples). An unreadable file is a DataError naming it.
+    Image files are copied byte for byte (no re-encoding); each must be a regular file (a
+    FIFO would block the pack). Samples go in a ``seed``-ed random order. A shard is closed
+    once it holds ``shard_size`` bytes (or ``max_samples_per_shard`` samples). An unreadable
+    file is a DataError naming it. Restartable: see the module docstring.
     """
-    import webdataset as wds
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob("shard-*.tar")) or (out / INDEX_NAME).exists():
-        raise DataError(f"{out}: already holds shards; pack into an empty folder")
+    lock = _claim_pack_folder(out)
     order = np.random.default_rng(seed).permutation(len(ann))
-    counts: dict[str, int] = {}
-    writer = wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=max_samples_per_shard or 10**12,
-                             maxsize=parse_size(shard_size), verbose=0, encoder=False)  # fmt: skip
+    writer = _ShardWriter(out, parse_size(shard_size), max_samples_per_shard or 10**12)
     try:
-        for i in tqdm(order.tolist(), desc="pack", disable=not progress, unit="img"):
+        for done, i in enumerate(
+            tqdm(order.tolist(), desc="pack", disable=not progress, unit="img")
+        ):
             path = ann.images[i]
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise DataError(f"{path}: cannot read image ({e.strerror})") from e
             ext = path.suffix.lower().lstrip(".") or "jpg"
             ext = "jpg" if ext == "jpeg" else ext
             if ext not in IMAGE_EXTS:
                 raise DataError(f"{path}: unsupported image extension {ext!r} for a shard")
+            data = read_regular_bytes(path, "image", MAX_IMAGE_BYTES)  # never a FIFO
             meta = {"target": ann.targets[i].tolist(), "path": str(path)}
-            writer.write({"__key__": f"{i:09d}", ext: data, "json": json.dumps(meta).encode()})
-            name = Path(writer.fname).name
-            counts[name] = counts.get(name, 0) + 1
-    finally:
+            writer.write(f"{i:09d}", {ext: data, "json": json.dumps(meta).encode()})
+            maybe_kill("kill_in_pack", done + 1)
         writer.close()
+    except BaseException:
+        writer.abort()
+        lock.close()  # the lock file stays: a re-run knows the pack is unfinished
+        raise
     labels = LabelSet.from_targets(ann.names, ann.targets)
     index = {
         "format": "mlic-wds",
@@ -159,23 +304,34 @@ def pack_shards(
                 "bytes": (out / name).stat().st_size,
                 "sha256": file_sha256(out / name),
             }
-            for name, n in sorted(counts.items())
+            for name, n in writer.done
         ],  # fmt: skip
     }
-    (out / INDEX_NAME).write_text(json.dumps(index, separators=(",", ":")))
+    write_text(out / INDEX_NAME, json.dumps(index, separators=(",", ":")))  # last: the pack is done
+    (out / PACK_LOCK).unlink(missing_ok=True)
+    lock.close()
     return index
 
 
 # ----------------------------------------------------------------------------- index
 @dataclass
 class ShardInfo:
-    """One shard: where to read it, its file name (for messages) and what the index says."""
+    """One shard: where to read it, its file name (for messages) and what the index says.
+
+    ``local``: ``url`` is a file path (None: decided from ``url``); ``user_spec``: ``url``
+    comes from the data spec the user typed, so it may be a ``pipe:`` command."""
 
     url: str
     name: str
     num_samples: int
     bytes: int | None = None
     sha256: str | None = None
+    local: bool | None = None
+    user_spec: bool = False
+
+    def __post_init__(self) -> None:
+        if self.local is None:
+            self.local = not _is_url(self.url)
 
 
 @dataclass
@@ -201,43 +357,318 @@ class ShardIndex:
             num_images=self.num_samples,
         )
 
+    def fingerprint(self) -> str:
+        """A short hash of what the shards hold (names, counts, checksums, label statistics):
+        a resume on shards re-packed with other labels sees another value."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.names).encode())
+        for s in self.shards:
+            h.update(f"{s.name}\0{s.num_samples}\0{s.sha256 or s.bytes}\0".encode())
+        h.update(np.ascontiguousarray(self.counts, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.cooccurrence, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
 
 def _is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
-def open_stream(url: str) -> BinaryIO:
-    """A readable binary stream for a local path, ``https://`` / ``http://`` (curl),
-    ``s3://`` (``aws s3 cp URL -``) or ``pipe:COMMAND`` -- webdataset's ``gopen``."""
-    if not _is_url(url) or url.startswith("file://"):
-        path = Path(url.removeprefix("file://"))
-        try:
-            return path.open("rb")
-        except OSError as e:
-            raise DataError(f"{path}: cannot open shard ({e.strerror})") from e
-    from webdataset.gopen import gopen
+class _CommandStream(io.RawIOBase):
+    """The standard output of a command as a readable stream. A non-zero exit is an OSError
+    when the output ends (with the command's last error line), not a silently short file."""
 
-    if url.startswith("s3://"):
-        url = f"pipe:aws s3 cp {url} -"
-    return gopen(url, "rb")
+    def __init__(self, args: list[str] | str, shell: bool, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 -- closed by close()
+        try:
+            self.proc = subprocess.Popen(
+                args,
+                shell=shell,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._err,
+            )
+        except OSError as e:  # curl / aws not installed
+            self._err.close()
+            raise DataError(f"{what}: cannot run it ({e.strerror or e})") from None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        assert self.proc.stdout is not None
+        n = self.proc.stdout.readinto(buffer)
+        if not n:
+            code = self.proc.wait()
+            if code != 0:
+                self._err.seek(0)
+                lines = self._err.read(4096).decode("utf-8", "replace").strip().splitlines()
+                raise OSError(f"{self.what} exited with status {code}: {(lines or [''])[-1][:200]}")
+        return n or 0
+
+    def close(self) -> None:
+        if not self.closed:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            if self.proc.poll() is None:  # closed before the end: stop the command
+                self.proc.kill()
+            self.proc.wait()
+            self._err.close()
+        super().close()
+
+
+_S3_URL = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")
+
+
+def _command(url: str, allow_pipe: bool) -> tuple[list[str] | str, bool, str]:
+    """``(command, shell?, what)`` that writes ``url``'s bytes to its standard output.
+
+    Only a ``pipe:`` spec the user typed runs through a shell; ``http(s)://`` and ``s3://``
+    run ``curl`` / ``aws`` with the URL as one argument, never pasted into a command line."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise DataError(
+                f"{url[:80]!r}: a pipe: command is accepted only as the data spec typed on the "
+                "command line or in your config, never from inside a data file"
+            )
+        return url[len("pipe:") :], True, "pipe: command"
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        raise DataError(f"{url[:80]!r}: URL holds control characters")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        return (
+            [
+                "curl",
+                "--fail",
+                "--silent",
+                "--show-error",
+                "--location",
+                "--proto",
+                "=http,https",
+                "--proto-redir",
+                "=http,https",
+                "--connect-timeout",
+                "30",
+                "--retry",
+                "3",
+                "--",
+                url,
+            ],
+            False,
+            "curl",
+        )
+    if scheme == "s3":
+        if not _S3_URL.match(url):
+            raise DataError(f"{url[:80]!r}: not an s3://BUCKET/KEY URL")
+        return ["aws", "s3", "cp", "--only-show-errors", url, "-"], False, "aws s3 cp"
+    raise DataError(
+        f"{url[:80]!r}: unsupported URL scheme {scheme!r} (local paths, file://, http(s)://, "
+        "s3://; pipe: only as the data spec itself)"
+    )
+
+
+def _open_local(path: Path, what: str = "shard") -> BinaryIO:
+    """A regular file opened for reading: never a FIFO (it would block) or a device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DataError(f"{path}: cannot open {what} ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataError(
+            f"{path}: not a regular file (a FIFO, device or folder); not read as {what}"
+        )
+    return os.fdopen(fd, "rb")
+
+
+def open_stream(url: str, local: bool | None = None, allow_pipe: bool = False) -> BinaryIO:
+    """A readable binary stream for a local path (``local``, or no scheme), ``file://``,
+    ``https://`` / ``http://`` (curl), ``s3://`` (``aws s3 cp URL -``) or -- only with
+    ``allow_pipe``, for a spec the user typed -- ``pipe:COMMAND``."""
+    if local or (local is None and not _is_url(url)):
+        return _open_local(Path(url))
+    if url.startswith("file://"):
+        return _open_local(Path(url.removeprefix("file://")))
+    args, shell, what = _command(url, allow_pipe)
+    return io.BufferedReader(_CommandStream(args, shell, what), buffer_size=1 << 16)
 
 
 def _expand(spec: str) -> list[str]:
+    from itertools import islice
+
     from braceexpand import braceexpand
 
-    return [u for part in spec.split("::") for u in braceexpand(part)]
+    urls = list(
+        islice((u for part in spec.split("::") for u in braceexpand(part)), MAX_PATTERN_URLS + 1)
+    )
+    if len(urls) > MAX_PATTERN_URLS:
+        raise DataError(f"{spec}: pattern names more than {MAX_PATTERN_URLS:,} shards")
+    return urls
 
 
 def _parent(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else "."
 
 
+def _brief(value: Any) -> str:
+    """A short description of a JSON value for messages (never the whole of a huge one)."""
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'mapping'} of {len(value):,} items"
+    text = repr(value[:60] if isinstance(value, str) else value)
+    return text[:80]
+
+
+def _bad_key(where: str, key: str, problem: str) -> DataError:
+    return DataError(f"{where}: key {key}: {problem}")
+
+
+def _whole(value: Any, where: str, key: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad_key(where, key, f"must be a whole number {low:,}..{high:,}, got {_brief(value)}")
+    return value
+
+
+def _check_shard_entry(entry: Any, where: str, i: int) -> dict[str, Any]:
+    """One ``shards[i]`` of an index, checked: a plain file name and bounded counts."""
+    key = f"shards[{i}]"
+    if not isinstance(entry, dict):
+        raise _bad_key(
+            where, key, f"must be a mapping with name and num_samples, got {_brief(entry)}"
+        )
+    for field in ("name", "num_samples"):
+        if field not in entry:
+            raise _bad_key(where, f"{key}.{field}", "missing")
+    name = entry["name"]
+    if not isinstance(name, str) or not _SHARD_NAME.match(name):
+        raise _bad_key(
+            where,
+            f"{key}.name",
+            f"{_brief(name)} is not a plain file name in the "
+            "index's folder (no folder, .., URL or pipe:)",
+        )
+    n = _whole(entry["num_samples"], where, f"{key}.num_samples", 1, MAX_SHARD_SAMPLES)
+    size = entry.get("bytes")
+    if size is not None:
+        _whole(size, where, f"{key}.bytes", 0, 1 << 50)
+    sha = entry.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
+        raise _bad_key(where, f"{key}.sha256", f"must be 64 hex digits, got {_brief(sha)}")
+    return {"name": name, "num_samples": n, "bytes": size, "sha256": sha}
+
+
+def _int_array(value: Any, shape: tuple[int, ...], where: str, key: str, high: int) -> np.ndarray:
+    """A JSON array of whole numbers 0..high of exactly ``shape``, as int64."""
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError, RecursionError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "iu" or arr.shape != shape:
+        raise _bad_key(
+            where, key, f"must be whole numbers of shape {list(shape)}, got {_brief(value)}"
+        )
+    if arr.size and (arr.min() < 0 or arr.max() > high):
+        raise _bad_key(where, key, f"values must be 0..{high:,} (the samples of the shards)")
+    return arr.astype(np.int64)
+
+
+def _check_index(
+    meta: Any, where: str
+) -> tuple[list[str], list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """``(names, shard entries, counts [C], cooccurrence [C, C])`` of a parsed index, every
+    field checked; a bad one is a DataError naming ``where`` and the key."""
+    if not isinstance(meta, dict) or meta.get("format") != "mlic-wds":
+        raise DataError(f"{where}: not an mlic shard index (written by `mlic data pack`)")
+    for key in ("names", "shards"):
+        if key not in meta:
+            raise _bad_key(where, key, "missing")
+    names = meta["names"]
+    if not isinstance(names, list) or not names:
+        raise _bad_key(
+            where, "names", f"must be a non-empty list of class names, got {_brief(names)}"
+        )
+    names = check_class_names(names, f"{where}: key names")
+    shards = meta["shards"]
+    if not isinstance(shards, list) or not 1 <= len(shards) <= MAX_SHARDS:
+        raise _bad_key(
+            where, "shards", f"must be a list of 1..{MAX_SHARDS:,} shards, got {_brief(shards)}"
+        )
+    entries = [_check_shard_entry(e, where, i) for i, e in enumerate(shards)]
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        if e["name"] in seen:
+            raise _bad_key(where, f"shards[{i}].name", f"{e['name']!r} is listed twice")
+        seen.add(e["name"])
+    total = sum(e["num_samples"] for e in entries)
+    if (
+        "num_samples" in meta
+        and _whole(meta["num_samples"], where, "num_samples", 1, total) != total
+    ):
+        raise _bad_key(
+            where, "num_samples", f"{meta['num_samples']:,}, but the shards list {total:,}"
+        )
+    c = len(names)
+    counts = _int_array(meta.get("counts", [0] * c), (c,), where, "counts", total)
+    co = meta.get("cooccurrence")
+    co = (
+        np.zeros((c, c), np.int64)
+        if co is None
+        else _int_array(co, (c, c), where, "cooccurrence", total)
+    )
+    return names, entries, counts, co
+
+
+def _check_local_shard(path: Path, entry: dict[str, Any], where: str, i: int) -> None:
+    """A local shard named by an index: a regular, non-empty file large enough for the
+    samples the index claims (deflate packs at most ~1,000:1: a sample, two tar members of
+    >= 1 KiB, takes >= 2 bytes even compressed). A missing file is reported when read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(
+            f"{path}: not a regular file (a FIFO, device or folder); not read as a shard"
+        )
+    if st.st_size == 0:
+        raise DataError(f"{path}: empty shard (0 bytes); pack it again or drop it from {where}")
+    if entry["num_samples"] > st.st_size // 2:
+        raise _bad_key(
+            where,
+            f"shards[{i}].num_samples",
+            f"{entry['num_samples']:,} samples cannot fit in {path.name} ({st.st_size:,} bytes)",
+        )
+
+
+def _read_index(index_url: str, allow_pipe: bool) -> Any:
+    """The parsed JSON of a shard index (bounded read); DataError naming it otherwise."""
+    try:
+        with open_stream(index_url, allow_pipe=allow_pipe) as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+    except DataError:
+        raise
+    except Exception as e:  # curl/aws failures surface as OSError/ValueError
+        raise DataError(f"{index_url}: cannot read the shard index ({e})") from e
+    if len(raw) > MAX_INDEX_BYTES:
+        raise DataError(f"{index_url}: shard index larger than {MAX_INDEX_BYTES:,} bytes")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{index_url}: not a JSON shard index ({e.msg})") from e
+    except (ValueError, RecursionError) as e:  # not UTF-8; nested too deeply
+        raise DataError(f"{index_url}: not a JSON shard index ({type(e).__name__})") from e
+
+
 def open_shards(spec: str, index: str | None = None) -> ShardIndex:
     """Resolve ``data.train``/``data.val`` for ``wds``: a shard folder, a brace pattern or a
     URL pattern; ``index`` = the ``dataset.json`` to use (default: beside the shards).
 
-    Every shard named must be in the index (its sample count is what makes equal steps
-    possible); a missing index or shard is a DataError naming it.
+    ``spec`` and ``index`` are what the user typed (either may be ``pipe:``); names read from
+    the index never leave its folder. Every shard named must be in the index (its sample
+    count is what makes equal steps possible); a missing index or shard is a DataError.
     """
     local_dir = not _is_url(spec) and Path(spec).is_dir()
     if local_dir:
@@ -248,38 +679,47 @@ def open_shards(spec: str, index: str | None = None) -> ShardIndex:
         if not urls:
             raise DataError(f"{spec}: no shards in this pattern")
         index_url = index or f"{_parent(urls[0])}/{INDEX_NAME}"
-    try:
-        with open_stream(index_url) as f:
-            raw = f.read()
-    except DataError:
-        raise
-    except Exception as e:  # curl/aws failures surface as OSError/ValueError
-        raise DataError(f"{index_url}: cannot read the shard index ({e})") from e
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{index_url}: not a JSON shard index ({e.msg})") from e
-    if not isinstance(meta, dict) or meta.get("format") != "mlic-wds":
-        raise DataError(f"{index_url}: not an mlic shard index (written by `mlic data pack`)")
-    by_name = {s["name"]: s for s in meta["shards"]}
+    names, entries, counts, co = _check_index(_read_index(index_url, True), index_url)
+    shards = []
     if urls is None:
         base = Path(spec)
-        chosen = [(str(base / s["name"]), s) for s in meta["shards"]]
+        inside = base.resolve()
+        for i, e in enumerate(entries):
+            path = base / e["name"]
+            if not path.resolve().is_relative_to(inside):  # a symbolic link out of the folder
+                raise _bad_key(
+                    index_url, f"shards[{i}].name", f"{e['name']!r} links outside {base}"
+                )
+            _check_local_shard(path, e, index_url, i)
+            shards.append(
+                ShardInfo(
+                    str(path), e["name"], e["num_samples"], e["bytes"], e["sha256"], local=True
+                )
+            )
     else:
-        chosen = []
+        by_name = {e["name"]: (i, e) for i, e in enumerate(entries)}
         for u in urls:
             name = u.rsplit("/", 1)[-1]
             if name not in by_name:
                 raise DataError(f"{u}: shard not listed in {index_url}")
-            chosen.append((u, by_name[name]))
-    shards = [ShardInfo(u, s["name"], int(s["num_samples"]), s.get("bytes"), s.get("sha256"))
-              for u, s in chosen]  # fmt: skip
-    names = list(meta["names"])
-    c = len(names)
-    counts = np.asarray(meta.get("counts", [0] * c), dtype=np.int64)
-    co = np.asarray(meta.get("cooccurrence", np.zeros((c, c))), dtype=np.int64).reshape(c, c)
-    if len(shards) != len(meta["shards"]):  # a subset: statistics are the whole pack's
-        log.info("%s: %d of %d shards selected", spec, len(shards), len(meta["shards"]))
+            i, e = by_name[name]
+            local = not _is_url(u) or u.startswith("file://")
+            url = u.removeprefix("file://") if local else u
+            if local:
+                _check_local_shard(Path(url), e, index_url, i)
+            shards.append(
+                ShardInfo(
+                    url,
+                    name,
+                    e["num_samples"],
+                    e["bytes"],
+                    e["sha256"],
+                    local=local,
+                    user_spec=True,
+                )
+            )
+    if len(shards) != len(entries):  # a subset: statistics are the whole pack's
+        log.info("%s: %d of %d shards selected", spec, len(shards), len(entries))
     return ShardIndex(names, shards, counts, co, source=spec)
 
 
@@ -287,29 +727,45 @@ def open_shards(spec: str, index: str | None = None) -> ShardIndex:
 def _members(shard: ShardInfo) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` per sample of a shard, in tar order (a sequential pass).
 
-    Raises tarfile / OS errors as they come; :func:`_read_positions` names the shard.
+    Only image and ``.json`` members are read, each only after its header shows it within
+    bounds: a member too large (a gzip bomb) or too many members for the samples the index
+    lists end the shard as corrupt, nothing of them read. Raises tarfile / OS errors as they
+    come; :func:`_read_positions` names the shard.
     """
     from webdataset.tariterators import base_plus_ext
 
-    stream = open_stream(shard.url)
+    stream = open_stream(shard.url, local=shard.local, allow_pipe=shard.user_spec)
+    most = (shard.num_samples + 1) * MAX_MEMBERS_PER_SAMPLE
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             key, group = None, {}
-            for member in tar:
+            for seen, member in enumerate(tar, 1):
+                if seen > most:
+                    raise tarfile.ReadError(f"more than {most:,} tar members")
+                bound = MAX_JSON_MEMBER_BYTES if member.name.endswith(".json") else MAX_IMAGE_BYTES
+                if member.size > bound:
+                    raise tarfile.ReadError(
+                        f"member {member.name[:80]} declares {member.size:,} bytes, more than "
+                        f"{bound:,}; not read"
+                    )
                 if not member.isfile():
                     continue
                 prefix, ext = base_plus_ext(member.name)
                 if prefix is None:
                     continue
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} cut short")
                 if prefix != key:
                     if key is not None:
                         yield key, group
                     key, group = prefix, {}
-                group[ext.lower()] = data
+                ext = ext.lower()
+                if ext != "json" and ext not in IMAGE_EXTS:
+                    group[ext] = b""  # named in messages, never read
+                    continue
+                f = tar.extractfile(member)
+                data = f.read(member.size) if f is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} cut short")
+                group[ext] = data
             if key is not None:
                 yield key, group
     finally:
@@ -317,13 +773,30 @@ def _members(shard: ShardInfo) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _truncation_hint(shard: ShardInfo) -> str:
-    if _is_url(shard.url) or shard.bytes is None:
+    if not shard.local or shard.bytes is None:
         return ""
     try:
         size = os.path.getsize(shard.url)
     except OSError:
         return ""
     return f"; file is {size:,} bytes, index says {shard.bytes:,}" if size != shard.bytes else ""
+
+
+def _check_count(shard: ShardInfo, found: int) -> None:
+    """A whole local shard (its size as the index says) that ends cleanly after ``found`` of
+    the samples its index claims: the index is wrong, not a sample -- refused even with
+    ``data.skip_bad_images`` (its missing samples would be skipped one by one)."""
+    if not shard.local or shard.bytes is None:
+        return
+    try:
+        whole = os.path.getsize(shard.url) == shard.bytes
+    except OSError:
+        return
+    if whole:
+        raise DataError(
+            f"{shard.name}: holds {found:,} samples but {INDEX_NAME} says "
+            f"{shard.num_samples:,}; the index does not describe this shard"
+        )
 
 
 def _read_positions(
@@ -348,6 +821,7 @@ def _read_positions(
             f"samples ({e}{_truncation_hint(shard)})"
         )
     if pos < shard.num_samples and problem is None:
+        _check_count(shard, pos)
         problem = (
             f"{shard.name}: truncated or corrupt shard: {pos} of {shard.num_samples} samples "
             f"readable{_truncation_hint(shard)}"
@@ -378,11 +852,20 @@ def assign_slots(counts: list[int], num_slots: int) -> list[list[int]]:
     return slots
 
 
-def record_bad_sample(message: str, skip_bad: bool, bad_log: str | Path | None, epoch: int) -> None:
+def record_bad_sample(
+    message: str, skip_bad: bool, bad_log: str | Path | None, epoch: int, in_a_row: int = 1
+) -> None:
     """A bad sample of a streamed source: a DataError, or with ``skip_bad`` a warning and one
-    line in ``bad_log`` (the run's ``bad_samples.txt``, when given)."""
+    line in ``bad_log`` (the run's ``bad_samples.txt``, when given). The ``in_a_row``-th bad
+    sample without a good one between is a DataError from :data:`MAX_BAD_IN_A_ROW` on: a
+    source that yields nothing readable must end the pass, not log forever."""
     if not skip_bad:
         raise DataError(message)
+    if in_a_row >= MAX_BAD_IN_A_ROW:
+        raise DataError(
+            f"{in_a_row:,} bad samples in a row, the last: {message}; stopping "
+            "(data.skip_bad_images skips bad samples, not a source with none readable)"
+        )
     log.warning("skipped bad sample: %s", message)
     if bad_log:
         try:
@@ -419,6 +902,7 @@ class _ShardReader(IterableDataset):
         self.workers = workers  # data-loader worker processes (0: read in this process)
         self.epoch = 0
         self.start = 0
+        self.bad_in_a_row = 0  # bad samples since the last good one (bounded)
 
     @property
     def readers_per_rank(self) -> int:
@@ -440,15 +924,19 @@ class _ShardReader(IterableDataset):
             raise DataError(f"{shard.name}/{key}: sample has no .json labels")
         try:
             target = json.loads(members["json"])["target"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{shard.name}/{key}.json: unreadable labels ({e})") from e
-        t = torch.tensor(target, dtype=torch.float32)  # [C]
-        if t.shape != (self.num_classes,) or not bool(
-            torch.isin(t, torch.tensor([-1.0, 0.0, 1.0])).all()
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # JSON, UTF-8, nesting
+            raise DataError(
+                f"{shard.name}/{key}.json: unreadable labels ({type(e).__name__})"
+            ) from None
+        if (
+            not isinstance(target, list)
+            or len(target) != self.num_classes
+            or any(isinstance(v, bool) or v not in (-1, 0, 1) for v in target)
         ):
             raise DataError(
                 f"{shard.name}/{key}.json: target must be {self.num_classes} values of 1/0/-1"
             )
+        t = torch.tensor(target, dtype=torch.float32)  # [C]
         data = members[ext]
         if self.raw_bytes:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), t  # [L]
@@ -456,8 +944,9 @@ class _ShardReader(IterableDataset):
         return img, t  # [3, H, W] uint8
 
     def _bad(self, message: str) -> None:
-        """Raise, or (``skip_bad``) log and record a bad sample."""
-        record_bad_sample(message, self.skip_bad, self.bad_log, self.epoch)
+        """Raise, or (``skip_bad``) log and record a bad sample; too many in a row raise."""
+        self.bad_in_a_row += 1
+        record_bad_sample(message, self.skip_bad, self.bad_log, self.epoch, self.bad_in_a_row)
 
     def _transform(self, img: torch.Tensor, seed: int | None) -> torch.Tensor:
         return img if self.raw_bytes else apply_seeded(self.transform, img, seed)
@@ -558,6 +1047,7 @@ class ShardTrainSet(_ShardReader):
                             pending.append(p)
                     else:
                         good_in_round += 1
+                        self.bad_in_a_row = 0
                         img, target = sample
                         for q in [*pending, p] if p < length else pending:
                             seed = _mix(self.seed, self.epoch, slot, q)
@@ -615,6 +1105,7 @@ class ShardEvalSet(_ShardReader):
                 except DataError as e:
                     self._bad(str(e))
                     continue
+                self.bad_in_a_row = 0
                 yield self._transform(img, None), target
 
 
@@ -623,7 +1114,7 @@ def verify_shards(index: ShardIndex) -> list[str]:
     whose tar does not deliver every sample the index lists (remote shards: the read only)."""
     problems = []
     for shard in index.shards:
-        if not _is_url(shard.url):
+        if shard.local:
             path = Path(shard.url)
             if not path.exists():
                 problems.append(f"{shard.name}: missing ({path})")
@@ -632,9 +1123,10 @@ def verify_shards(index: ShardIndex) -> list[str]:
                 problems.append(
                     f"{shard.name}: SHA-256 differs from the index{_truncation_hint(shard)}"
                 )
-        bad = next(
-            (problem for _, _, members, problem in _read_positions(shard) if members is None), None
-        )
+        try:
+            bad = next((p for _, _, members, p in _read_positions(shard) if members is None), None)
+        except DataError as e:  # a shard the index does not describe
+            bad = str(e)
         if bad:
             problems.append(bad)
     return problems
