@@ -11,6 +11,18 @@ on the same JPEG files, in-process, model already loaded.
 
     python benchmarks/serve_load.py --json serve_load.json
 
+``--mixed-s S`` measures instead the hostile-client load of issue 29 on one server (torch,
+batching on, the default ``--max-queue 64``): ``--mixed-clients`` clients send for ``S``
+seconds one-image requests, every other one malformed (not an image, EPS,
+truncated, deep JSON, bad option, wrong field, bad base64: each must get its own 4xx), while
+``--stalled N`` more connections send a request head and a few body bytes and then nothing
+(each reconnects when the server answers 408). A short baseline without stalled clients
+(``--baseline-s``) runs first on the same server. Reported: p50/p99 of the good requests,
+errors (an unexpected status or a transport failure), the stalled clients' 408s, and the
+process tree's RSS/PSS before and after each run.
+
+    python benchmarks/serve_load.py --mixed-s 60 --stalled 64 --threads 1 --json mixed.json
+
 The model is a baseline (ImageNet EfficientNet-Lite0 backbone, new 20-label head, 224 px).
 """
 
@@ -56,8 +68,10 @@ def make_images(out: Path, n: int) -> list[Path]:
     return paths
 
 
-def make_model(out: Path, backbone: str, size: int, classes: int) -> tuple[Path, Path]:
-    """A fresh baseline checkpoint and its ONNX export (verified against eager)."""
+def make_model(
+    out: Path, backbone: str, size: int, classes: int, export: bool = True
+) -> tuple[Path, Path]:
+    """A fresh baseline checkpoint and (``export``) its ONNX export (verified against eager)."""
     import mlic
     from mlic.bench import random_labelset
     from mlic.export import export_checkpoint
@@ -70,7 +84,8 @@ def make_model(out: Path, backbone: str, size: int, classes: int) -> tuple[Path,
     ckpt = mlic.save_checkpoint(model, out / "model.safetensors", labels.names,
                                 input_size=[3, size, size])  # fmt: skip
     onnx = out / "model.onnx"
-    export_checkpoint(ckpt, onnx, format="onnx")
+    if export:
+        export_checkpoint(ckpt, onnx, format="onnx")
     return ckpt, onnx
 
 
@@ -109,14 +124,20 @@ def free_port() -> int:
 
 
 def start_server(
-    target: Path, backend: str, batch: int, wait_ms: float, log: Path, threads: int | None = None
+    target: Path,
+    backend: str,
+    batch: int,
+    wait_ms: float,
+    log: Path,
+    threads: int | None = None,
+    queue: int = 256,
 ) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "mlic", "serve", str(target), "--backend", backend, "--port",
            str(port), "--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms),
-           "--max-queue", "256", *(["--threads", str(threads)] if threads else [])]  # fmt: skip
+           "--max-queue", str(queue), *(["--threads", str(threads)] if threads else [])]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -177,6 +198,185 @@ async def load(
     }
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+STALL_HEAD = (
+    b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 100000\r\n\r\n{"ima'
+)
+
+
+def bad_requests(good: bytes) -> list[tuple[str, dict[str, Any], int]]:
+    """(kind, httpx request arguments, the status it must get): the malformed requests."""
+    jpg = ("a.jpg", good, "image/jpeg")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    return [
+        ("not an image", {"files": [("images", ("a.txt", b"hello", "text/plain"))]}, 415),
+        ("eps", {"files": [("images", ("a.eps", EPS, "application/postscript"))]}, 415),
+        (
+            "truncated",
+            {"files": [("images", ("t.jpg", good[: len(good) // 2], "image/jpeg"))]},
+            400,
+        ),
+        ("deep json", {"content": deep, "headers": {"content-type": "application/json"}}, 400),
+        ("bad option", {"files": [("images", jpg)], "params": {"threshold": "2"}}, 422),
+        ("wrong field", {"files": [("file", jpg)]}, 400),
+        ("bad base64", {"json": {"images": ["%%%"]}}, 422),
+    ]
+
+
+async def stall(port: int, deadline: float, counts: dict[str, int]) -> None:
+    """One connection at a time that sends a head and 5 body bytes, then nothing, until
+    ``deadline``; reconnects when the server answers (408) or closes."""
+    while time.perf_counter() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            counts["connect_failed"] += 1
+            await asyncio.sleep(0.1)
+            continue
+        counts["opened"] += 1
+        writer.write(STALL_HEAD)
+        try:
+            line = await asyncio.wait_for(
+                reader.readline(), max(deadline - time.perf_counter(), 0.01)
+            )
+            counts["answered_408" if line.startswith(b"HTTP/1.1 408") else "other_answer"] += 1
+        except (TimeoutError, asyncio.TimeoutError, OSError):
+            pass
+        writer.close()
+
+
+async def mixed_load(
+    url: str, payloads: list[bytes], clients: int, seconds: float, stalled: int
+) -> dict[str, Any]:
+    """``clients`` tasks alternating good and malformed requests for ``seconds``, beside
+    ``stalled`` stalled connections."""
+    import httpx
+
+    bad = bad_requests(payloads[0])
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    counts = {"good": 0, "bad": 0}
+    stalls = {"opened": 0, "answered_408": 0, "other_answer": 0, "connect_failed": 0}
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker(w: int) -> None:
+            k = 0
+            while time.perf_counter() < deadline:
+                k += 1
+                if k % 2:  # every client alternates: good, malformed, good, ...
+                    kind, kwargs, want = bad[(w + k // 2) % len(bad)]
+                else:
+                    jpg = payloads[(w + k) % len(payloads)]
+                    kind, want = "good", 200
+                    kwargs = {"files": [("images", (f"{w}-{k}.jpg", jpg, "image/jpeg"))]}
+                t = time.perf_counter()
+                try:
+                    status = (await client.post("/v1/predict", **kwargs)).status_code
+                except httpx.HTTPError as e:
+                    status = type(e).__name__
+                if kind == "good":
+                    latencies.append(time.perf_counter() - t)
+                counts["good" if kind == "good" else "bad"] += 1
+                if status != want:
+                    key = f"{kind}: {status}"
+                    errors[key] = errors.get(key, 0) + 1
+
+        port = int(url.rsplit(":", 1)[1])
+        start = time.perf_counter()
+        await asyncio.gather(
+            *(worker(w) for w in range(clients)),
+            *(stall(port, deadline, stalls) for _ in range(stalled)),
+        )
+        elapsed = time.perf_counter() - start
+    lat = np.array(latencies or [float("nan")]) * 1000
+    return {
+        "seconds": round(elapsed, 1),
+        "clients": clients,
+        "stalled": stalled,
+        "good_requests": counts["good"],
+        "bad_requests": counts["bad"],
+        "good_per_s": round(counts["good"] / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "stalled_connections": stalls,
+    }
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name (fixed command, no input)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or platform.machine()
+    return next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in out.splitlines()
+            if line.startswith("Model name")
+        ),
+        platform.machine(),
+    )
+
+
+def run_mixed(args: argparse.Namespace, tmp: Path, ckpt: Path, payloads: list[bytes]) -> None:
+    """The ``--mixed-s`` measurement: a short baseline, then the run with stalled clients."""
+    import litserve
+    import torch
+    import uvicorn
+
+    results: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "cpu_model": cpu_model(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": {
+            "torch": torch.__version__,
+            "litserve": litserve.__version__,
+            "uvicorn": uvicorn.__version__,
+        },
+        "loadavg_start": os.getloadavg()[0],
+        "runs": [],
+    }
+    log = tmp / "serve-mixed.log"
+    proc, url = start_server(
+        ckpt, "torch", args.max_batch_size, args.max_wait_ms, log, args.threads, queue=64
+    )
+    try:
+        asyncio.run(load(url, payloads, 4, 16, 15))  # warm-up
+        plan = [(args.baseline_s, 0), (args.mixed_s, args.stalled)] if args.baseline_s else []
+        for seconds, stalled in plan or [(args.mixed_s, args.stalled)]:
+            before = tree_memory_mb(proc.pid)
+            run = asyncio.run(mixed_load(url, payloads, args.mixed_clients, seconds, stalled))
+            run.update(rss_before_mb=before["rss_mb"], pss_before_mb=before["pss_mb"])
+            after = tree_memory_mb(proc.pid)
+            run.update(rss_after_mb=after["rss_mb"], pss_after_mb=after["pss_mb"])
+            results["runs"].append(run)
+            print(json.dumps(run), flush=True)
+    finally:
+        proc.terminate()
+        results["exit_code"] = proc.wait(120)
+    results["loadavg_end"] = os.getloadavg()[0]
+    print(
+        "\n| run | clients + stalled | s | good req/s | p50 ms | p99 ms | errors | 408s | "
+        "RSS MiB before -> after |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in results["runs"]:
+        print(
+            f"| {'stalled' if r['stalled'] else 'baseline'} | {r['clients']} + {r['stalled']} | "
+            f"{r['seconds']} | {r['good_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | "
+            f"{r['stalled_connections']['answered_408']} | {r['rss_before_mb']:,.0f} -> "
+            f"{r['rss_after_mb']:,.0f} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
 def predict_reference(
     ckpt: Path, onnx: Path, paths: list[Path], repeats: int, threads: int | None = None
 ) -> dict[str, float]:
@@ -219,12 +419,29 @@ def main() -> None:
     ap.add_argument("--backends", default="torch,onnxruntime")
     ap.add_argument("--threads", type=int, help="intra-op threads per worker (and for predict)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--mixed-s",
+        type=float,
+        default=0.0,
+        help="instead: the mixed good/malformed load for this many seconds",
+    )
+    ap.add_argument("--mixed-clients", type=int, default=64, help="clients of the mixed load")
+    ap.add_argument("--stalled", type=int, default=0, help="stalled connections beside it")
+    ap.add_argument(
+        "--baseline-s",
+        type=float,
+        default=15.0,
+        help="a mixed run without stalled clients first (0: none)",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     paths = make_images(tmp, args.images)
     payloads = [p.read_bytes() for p in paths]
-    ckpt, onnx = make_model(tmp, args.backbone, args.image_size, args.classes)
+    ckpt, onnx = make_model(tmp, args.backbone, args.image_size, args.classes, not args.mixed_s)
+    if args.mixed_s > 0:
+        run_mixed(args, tmp, ckpt, payloads)
+        return
     results: dict[str, Any] = {"runs": [], "command": " ".join([Path(sys.executable).name, *sys.argv]),
                                "machine": platform.processor() or platform.machine(),
                                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip

@@ -7,22 +7,33 @@ inference processes (spawned) each load the model once, take up to ``--max-batch
 queued requests (waiting at most ``--max-wait-ms`` for more), run them as one tensor
 batch and answer each request.
 
+Hostile clients and signals: a request counts against ``--max-queue`` only once its body
+is in; the body is read in chunks, refused (413) as soon as it passes ``--max-request-mb``,
+and must arrive within ``--read-timeout`` (408), as must a request's head (a connection
+that does not send one is closed). SIGTERM to the main process or to the whole process
+group (systemd's default) drains: admitted requests are answered, then the server exits 0.
+A dead inference worker or HTTP process makes ``/readyz`` say so and the server exit 1.
+
 LitServe internals used (hence the ``litserve<0.3`` pin): the batched loop's sentinel and
 response statuses (:class:`WaitForFirstBatchedLoop`), ``workers_setup_status`` (for
-``/readyz``) and ``_shutdown_event`` (SIGTERM). This module deliberately has no
+``/readyz``), ``_shutdown_event`` (SIGTERM), and three methods :class:`_MlicServer`
+extends (manager start, HTTP process start, shutdown). This module deliberately has no
 ``from __future__ import annotations``: FastAPI reads
 the parameter annotation of :meth:`MlicAPI.decode_request` (an ``Annotated`` dependency)
 at runtime, and that dependency is what validates requests in the HTTP process.
 """
 
+import asyncio
 import base64
 import hmac
 import io
-import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -41,16 +52,22 @@ from fastapi.staticfiles import StaticFiles
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
+from starlette.requests import ClientDisconnect
 
 from mlic.engine.precision import ONNX_RUNTIME, Precision, resolve_precision
 from mlic.errors import ConfigError
 from mlic.files import file_sha256
+from mlic.serve import SERVE_RANGES
 from mlic.serve.validation import (
+    MAX_HEATMAP_IMAGES,
+    MAX_HEATMAP_LABELS,
     ImagePreparer,
     Limits,
     PreparedRequest,
     RequestError,
+    check_heatmap_count,
     display_name,
+    parse_json_body,
     parse_options,
 )
 
@@ -61,6 +78,11 @@ log = logging.getLogger("mlic.serve")
 INFER_CHUNK = 64  # images per forward pass inside one dynamic batch (bounds memory)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+KEEP_ALIVE_S = 5  # uvicorn closes a connection idle this long after an answer
+WATCH_INTERVAL_S = 0.5  # how often the main process checks its worker and HTTP processes
+FAILED_HOLD_S = 2.0  # after a process died: /readyz answers 503 at least this long, then exit 1
+# ServeConfig.failed codes -> the /readyz reason
+FAILURES = {1: "an inference worker died", 2: "the HTTP process died", 3: "drain timed out"}
 
 
 @dataclass
@@ -75,11 +97,13 @@ class ServeConfig:
     max_wait_ms: float = 10.0
     workers: int = 1
     max_upload_mb: float = 10.0
+    max_request_mb: float | None = None  # whole request body; None: max(64, 2 x max_upload_mb)
     max_images: int = 32
     max_pixels: int = 40_000_000
     max_queue: int = 64
     token: str | None = None
     timeout_s: float = 60.0
+    read_timeout_s: float = 30.0  # a request's head, and its whole body, must arrive within it
     drain_timeout_s: float = 30.0
     device: str = "cpu"
     precision: str = "auto"  # torch backend: auto / fp32 / bf16 (mlic.engine.precision)
@@ -88,6 +112,53 @@ class ServeConfig:
 
     def limits(self) -> Limits:
         return Limits(int(self.max_upload_mb * 2**20), self.max_images, self.max_pixels)
+
+    def max_request_bytes(self) -> int:
+        """The cap on one request body (all its images, multipart or base64 JSON)."""
+        mb = self.max_request_mb
+        return int((mb if mb is not None else max(64.0, 2 * self.max_upload_mb)) * 2**20)
+
+    def check(self) -> None:
+        """ConfigError naming the option for any value out of :data:`SERVE_RANGES`
+        (nan and inf included), an unknown host or device, or limits that contradict."""
+        fields = {
+            "--port": self.port,
+            "--max-batch-size": self.max_batch_size,
+            "--max-wait-ms": self.max_wait_ms,
+            "--workers": self.workers,
+            "--max-upload-mb": self.max_upload_mb,
+            "--max-request-mb": self.max_request_mb,
+            "--max-images": self.max_images,
+            "--max-pixels": self.max_pixels,
+            "--max-queue": self.max_queue,
+            "--timeout": self.timeout_s,
+            "--read-timeout": self.read_timeout_s,
+            "--drain-timeout": self.drain_timeout_s,
+            "--threads": self.threads,
+        }
+        for option, value in fields.items():
+            kind, low, high = SERVE_RANGES[option]
+            if value is None and option in ("--max-request-mb", "--threads"):
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and kind is int:
+                ok = float(value).is_integer()
+            if not (ok and math.isfinite(value) and low <= value <= high):
+                raise ConfigError(f"{option} {value!r}: must be a number in [{low:g}, {high:g}]")
+        if self.host not in ("127.0.0.1", "localhost", "0.0.0.0", "::"):
+            raise ConfigError(f"--host {self.host}: LitServe binds 127.0.0.1, 0.0.0.0 or :: only")
+        if self.max_wait_ms / 1000.0 >= self.timeout_s:
+            raise ConfigError(
+                f"--max-wait-ms {self.max_wait_ms:g} must be below the request timeout"
+            )
+        if self.max_request_bytes() < int(self.max_upload_mb * 2**20):
+            raise ConfigError(
+                f"--max-request-mb {self.max_request_mb:g} is below --max-upload-mb "
+                f"{self.max_upload_mb:g}: no largest image could be sent"
+            )
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ConfigError("--token: must be non-empty and have no spaces or line breaks")
+        check_device(self.device)
 
 
 def resolve_model(config: ServeConfig) -> tuple[Path, dict[str, Any]]:
@@ -104,6 +175,39 @@ def resolve_model(config: ServeConfig) -> tuple[Path, dict[str, Any]]:
 
     ckpt, _ = resolve_target(target)
     return ckpt, read_metadata(ckpt)
+
+
+def check_device(name: str) -> None:
+    """ConfigError unless ``name`` is ``cpu``, ``cuda`` or ``cuda:N`` present on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ConfigError(f"--device {name!r}: mlic serve runs on cpu or cuda")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--device {name}: no CUDA device on this machine")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(
+            f"--device {name}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+        )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError when ``host:port`` cannot be listened on (in use, not permitted), before
+    the model is loaded (uvicorn would log it and exit 1 after the workers started)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"--port {port}: cannot listen on {host}: {e.strerror}") from None
 
 
 def serve_precision(config: ServeConfig) -> Precision:
@@ -132,12 +236,15 @@ def model_info(
         "input_size": [int(s) for s in meta["input_size"]],
         "mean": [float(m) for m in meta["mean"]],
         "std": [float(s) for s in meta["std"]],
+        "resize": meta.get("resize"),  # warp side before the centre crop (data.resize)
         "mlic_version": meta.get("mlic_version"),
         "server_mlic_version": __version__,
         "file": path.name,
         "sha256": file_sha256(path),
         "backend": backend,
         "heatmaps": backend == "torch",
+        "max_heatmaps_per_image": MAX_HEATMAP_LABELS,
+        "max_heatmap_images": MAX_HEATMAP_IMAGES,
         "precision": precision,
     }
 
@@ -152,6 +259,8 @@ class _Runtime:
     preparer: ImagePreparer
     inflight: Any  # mp.Value('i'): requests admitted and not yet answered (the queue depth)
     draining: Any  # mp.Value('i'): 1 after SIGTERM: new requests get 503
+    failed: Any  # mp.Value('i'): a FAILURES code once a process died: 503, then exit 1
+    stopping: Any  # spawn Value('i'): 1 once the workers may stop (their SIGTERM then exits)
     batch_requests: Any  # shared per-bucket counts of requests per dynamic batch (+ sum)
     batch_images: Any  # the same for images per dynamic batch
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -166,31 +275,53 @@ def _runtime() -> _Runtime:
     return _RUNTIME
 
 
-def _error(status: int, message: str, retry_after: int | None = None) -> HTTPException:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return HTTPException(status_code=status, detail=message, headers=headers)
+def _error(
+    status: int, message: str, retry_after: int | None = None, close: bool = False
+) -> HTTPException:
+    """An HTTP error; ``close``: end the connection after it (a body left unread)."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    if close:
+        headers["Connection"] = "close"
+    return HTTPException(status_code=status, detail=message, headers=headers or None)
 
 
-async def _read_body(request: Request, cap: int) -> bytes:
-    """The request body, refusing (413) anything over ``cap`` bytes before reading it all."""
+async def _read_body(request: Request, cap: int, timeout_s: float) -> bytes:
+    """The request body, in chunks: 413 as soon as it passes ``cap`` bytes (at once when
+    Content-Length says so), 408 when it has not all arrived within ``timeout_s``."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > cap:
-        raise _error(413, f"request body of {int(length):,} bytes is over the limit of {cap:,}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise _error(413, f"request body is over the limit of {cap:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        raise _error(
+            413,
+            f"request body of {int(length):,} bytes is over the limit of "
+            f"{cap:,} (--max-request-mb)",
+            close=True,
+        )
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > cap:
+                    raise _error(
+                        413,
+                        f"request body is over the limit of {cap:,} bytes (--max-request-mb)",
+                        close=True,
+                    )
+                body += chunk
+    except TimeoutError:
+        raise _error(
+            408,
+            f"request body not received within {timeout_s:g} s "
+            f"({len(body):,} bytes came; --read-timeout)",
+            close=True,
+        ) from None
+    except ClientDisconnect:
+        raise _error(400, "client disconnected before sending the whole body", close=True) from None
+    return bytes(body)
 
 
-async def _parse_request(request: Request, query: dict[str, Any]) -> PreparedRequest:
+async def _parse_request(request: Request, query: dict[str, Any], body: bytes) -> PreparedRequest:
     """Multipart uploads (field ``images``) or JSON (``{"images": [base64, ...]}``) -> prepared."""
     rt = _runtime()
-    limits = rt.preparer.limits
-    cap = limits.max_upload_bytes * limits.max_images + (1 << 20)
-    body = await _read_body(request, cap)
     ctype = request.headers.get("content-type", "").lower()
     raw_opts = dict(query)
     if ctype.startswith("multipart/form-data"):
@@ -217,6 +348,7 @@ async def _parse_request(request: Request, query: dict[str, Any]) -> PreparedReq
         opts = parse_options(raw_opts)
         _check_heatmaps(opts.heatmaps)
         rt.preparer.check_count(len(files))
+        check_heatmap_count(opts.heatmaps, len(files))
         keep = opts.heatmaps != "false"
         images = await run_in_threadpool(
             lambda: [
@@ -225,15 +357,7 @@ async def _parse_request(request: Request, query: dict[str, Any]) -> PreparedReq
         )
         return PreparedRequest(images=images, options=opts)
     if ctype.startswith("application/json"):
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"body is not valid JSON ({e})") from None
-        if not isinstance(doc, dict):
-            raise RequestError(422, 'JSON body must be an object {"images": [base64, ...]}')
-        if "images" not in doc:
-            others = ", ".join(repr(k) for k in list(doc)[:3]) or "none"
-            raise RequestError(400, f"JSON body has no 'images' field (fields: {others})")
+        doc = parse_json_body(body)
         items = doc.pop("images")
         if not isinstance(items, list):
             items = [items]
@@ -241,6 +365,7 @@ async def _parse_request(request: Request, query: dict[str, Any]) -> PreparedReq
         opts = parse_options(raw_opts)
         _check_heatmaps(opts.heatmaps)
         rt.preparer.check_count(len(items))
+        check_heatmap_count(opts.heatmaps, len(items))
         keep = opts.heatmaps != "false"
         images = await run_in_threadpool(
             lambda: [rt.preparer.from_base64(i, it, keep) for i, it in enumerate(items)]
@@ -276,15 +401,19 @@ async def prepared_request(
         ),
     ] = None,
 ) -> AsyncIterator[PreparedRequest]:
-    """FastAPI dependency of ``POST /v1/predict``: admit (bounded queue), parse, validate.
+    """FastAPI dependency of ``POST /v1/predict``: read the body, admit (bounded queue), parse,
+    validate.
 
-    Runs in the HTTP process. A full queue answers 503 with ``Retry-After``; a bad request
-    a 4xx naming the problem; the admitted request counts in the queue depth until answered.
+    Runs in the HTTP process. The request takes a queue slot only once its whole body is in
+    (a client that stalls holds none, and gets 408 after ``--read-timeout``). A full queue
+    answers 503 with ``Retry-After``; a bad request a 4xx naming the problem; the admitted
+    request counts in the queue depth until answered.
     """
     rt = _runtime()
-    if rt.draining.value:
-        raise _error(503, "server is shutting down", retry_after=5)
-    with rt.inflight.get_lock():
+    _refuse_when_stopping(rt)
+    body = await _read_body(request, rt.config.max_request_bytes(), rt.config.read_timeout_s)
+    with rt.inflight.get_lock():  # the SIGTERM handler sets `draining` under this lock too
+        _refuse_when_stopping(rt)
         if rt.inflight.value >= rt.config.max_queue:
             raise _error(
                 503, f"queue full ({rt.config.max_queue} requests waiting); retry", retry_after=1
@@ -294,7 +423,7 @@ async def prepared_request(
         query = {"threshold": threshold, "top_k": top_k, "scores": scores, "heatmaps": heatmaps}
         try:
             prepared = await _parse_request(
-                request, {k: v for k, v in query.items() if v is not None}
+                request, {k: v for k, v in query.items() if v is not None}, body
             )
         except RequestError as e:
             raise _error(e.status, e.message) from None
@@ -302,6 +431,13 @@ async def prepared_request(
     finally:
         with rt.inflight.get_lock():
             rt.inflight.value -= 1
+
+
+def _refuse_when_stopping(rt: _Runtime) -> None:
+    if rt.failed.value:
+        raise _error(503, f"server is stopping: {FAILURES[rt.failed.value]}", retry_after=5)
+    if rt.draining.value:
+        raise _error(503, "server is shutting down", retry_after=5)
 
 
 def _png_base64(image: Any) -> str:
@@ -368,7 +504,9 @@ class WaitForFirstBatchedLoop(BatchedLoop):
 class MlicAPI(ls.LitAPI):
     """LitServe API of one mlic model: decode in the HTTP process, predict batches in workers."""
 
-    def __init__(self, config: ServeConfig, batch_requests: Any, batch_images: Any) -> None:
+    def __init__(
+        self, config: ServeConfig, batch_requests: Any, batch_images: Any, stopping: Any = None
+    ) -> None:
         super().__init__(
             max_batch_size=config.max_batch_size,
             batch_timeout=config.max_wait_ms / 1000.0,
@@ -378,6 +516,7 @@ class MlicAPI(ls.LitAPI):
         self.config = config
         self.batch_requests = batch_requests
         self.batch_images = batch_images
+        self.stopping = stopping
 
     # -- HTTP process
     def authorize(self, request: Request) -> None:
@@ -403,6 +542,19 @@ class MlicAPI(ls.LitAPI):
         from mlic.engine.host import retain_freed_memory
         from mlic.inference import OnnxPredictor, Predictor
 
+        stopping = self.stopping
+
+        def on_stop_signal(signum: int, frame: Any) -> None:
+            # A process-group SIGTERM (or Ctrl+C) reaches the worker with the main process:
+            # keep answering until the main process has drained and says stop.
+            if stopping.value:
+                os._exit(0)
+
+        if stopping is not None:  # None: set up in a process of the caller's (tests)
+            signal.signal(signal.SIGTERM, on_stop_signal)
+            signal.signal(signal.SIGINT, on_stop_signal)
+        if ":" in self.config.device:  # LitServe numbers its own devices (cuda:0)
+            device = self.config.device
         retain_freed_memory()
         if self.config.threads and self.config.backend == "torch":
             import torch
@@ -480,7 +632,10 @@ class MlicAPI(ls.LitAPI):
                     entry["scores"] = pred.scores
                 if maps is not None and opts.heatmaps != "false" and im.photo is not None:
                     photo = Image.fromarray(im.photo)
-                    chosen = names if opts.heatmaps == "all" else pred.labels
+                    # 'all': the most probable labels, predicted or not; both capped.
+                    ranked = [names[j] for j in np.argsort(-probs[k], kind="stable")]
+                    chosen = ranked if opts.heatmaps == "all" else pred.labels
+                    chosen = chosen[:MAX_HEATMAP_LABELS]
                     entry["heatmaps"] = {
                         n: _png_base64(overlay_heatmap(photo, maps[k, index[n]])) for n in chosen
                     }
@@ -577,6 +732,71 @@ def _metrics_collector(rt: _Runtime) -> Any:
     return _Shared()
 
 
+class _MlicServer(ls.LitServer):
+    """LitServer, made to outlive a process-group SIGTERM and to let mlic watch its processes.
+
+    LitServe's queue manager process would die of a process-group SIGTERM (and with it every
+    admitted request): it starts with SIGTERM ignored (the main process stops it at the end).
+    The HTTP processes are kept for :func:`watch_processes`; the shutdown first tells the
+    inference workers they may stop (their SIGTERM handler ignores a signal before that).
+    """
+
+    mlic_stopping: Any = None  # the runtime's `stopping` flag
+    mlic_http: dict[int, Any] | None = None  # the HTTP processes, once started
+
+    def _init_manager(self, num_api_servers: int) -> Any:
+        # Inherited by the manager process (an ignored signal stays ignored across fork and exec).
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            return super()._init_manager(num_api_servers)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _start_server(self, *args: Any, **kwargs: Any) -> dict[int, Any]:
+        self.mlic_http = super()._start_server(*args, **kwargs)
+        return self.mlic_http
+
+    def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
+        if self.mlic_stopping is not None:
+            self.mlic_stopping.value = 1
+        super()._perform_graceful_shutdown(*args, **kwargs)
+
+
+def _head_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request head has not arrived
+    within ``seconds`` of its opening or of its previous answer (uvicorn waits forever for a
+    partial head; its keep-alive timeout covers only a connection that sends nothing)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadlineProtocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(seconds, self._head_expired)
+
+        def _head_expired(self) -> None:
+            between_requests = self.cycle is None or self.cycle.response_complete
+            if between_requests and not self.transport.is_closing():
+                self.transport.close()  # a request in progress has its own body deadline
+
+    return HeadDeadlineProtocol
+
+
 def build_server(config: ServeConfig) -> ls.LitServer:
     """The LitServer with the API, the page, /v1/model, /healthz, /readyz and /metrics."""
     global _RUNTIME
@@ -591,9 +811,11 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     rt = _Runtime(
         config=config,
         info=info,
-        preparer=ImagePreparer(int(info["input_size"][-1]), config.limits()),
+        preparer=ImagePreparer(int(info["input_size"][-1]), config.limits(), info["resize"]),
         inflight=mp.Value("i", 0),
         draining=mp.Value("i", 0),
+        failed=mp.Value("i", 0),
+        stopping=spawn.Value("i", 0),
         batch_requests=batch_requests,
         batch_images=batch_images,
     )
@@ -616,15 +838,18 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     registry.register(_metrics_collector(rt))
     _RUNTIME = rt
 
-    api = MlicAPI(config, batch_requests, batch_images)
+    api = MlicAPI(config, batch_requests, batch_images, rt.stopping)
     accelerator = "cpu" if config.device == "cpu" else "cuda"
-    server = ls.LitServer(
+    server = _MlicServer(
         api,
         accelerator=accelerator,
         devices=1,
         workers_per_device=config.workers,
         timeout=config.timeout_s,
     )
+    server.mlic_stopping = rt.stopping
+    server._monitor_workers = False  # watch_processes replaces LitServe's watcher
+    server.uvicorn_graceful_timeout = config.drain_timeout_s
     app = server.app
     app.title = "mlic serve"
     app.description = (
@@ -658,6 +883,9 @@ def build_server(config: ServeConfig) -> ls.LitServer:
 
         status = dict(getattr(server, "workers_setup_status", None) or {})
         ready = bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+        if rt.failed.value:
+            reason = FAILURES[rt.failed.value]
+            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         if rt.draining.value:
             return JSONResponse({"ready": False, "reason": "shutting down"}, status_code=503)
         if not ready:
@@ -685,37 +913,139 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     return server
 
 
-def _install_sigterm(server: ls.LitServer, config: ServeConfig) -> None:
-    """SIGTERM: refuse new requests (503), wait for admitted ones to be answered, then stop."""
+def _set_draining(rt: _Runtime) -> None:
+    with rt.inflight.get_lock():  # atomic with the admission check of prepared_request
+        rt.draining.value = 1
+
+
+def _drain(rt: _Runtime, seconds: float, workers: list[Any]) -> bool:
+    """Wait until every admitted request is answered (True), or ``seconds`` pass or no
+    inference worker is left alive to answer (False)."""
+    deadline = time.monotonic() + seconds
+    while rt.inflight.value > 0:
+        if time.monotonic() >= deadline or (workers and not any(p.is_alive() for p in workers)):
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _stop(server: _MlicServer) -> None:
+    """End ``server.run`` (LitServe then stops the HTTP process, the workers, the manager)."""
+    if _runtime().stopping.value:  # stopped already (a second Ctrl+C, then the drain's end)
+        return
+    _runtime().stopping.value = 1
+    event = getattr(server, "_shutdown_event", None)
+    if event is None:  # still starting: nothing is in flight, no child to stop
+        os._exit(1 if _runtime().failed.value else 0)
+    event.set()
+
+
+def _install_sigterm(server: _MlicServer, config: ServeConfig) -> None:
+    """SIGTERM or Ctrl+C: refuse new requests (503), wait for admitted ones to be answered,
+    then stop (a second Ctrl+C stops at once).
+
+    The same whether the signal reaches the main process alone or its whole process group:
+    the HTTP process finishes its open requests (uvicorn), the queue manager ignores the
+    signal, the inference workers ignore it until the drain is over.
+    """
     rt = _runtime()
+    main_pid = os.getpid()
 
     def drain_and_stop() -> None:
-        rt.draining.value = 1
-        deadline = time.monotonic() + config.drain_timeout_s
-        while rt.inflight.value > 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        print("mlic serve: drained, stopping", flush=True)
-        event = getattr(server, "_shutdown_event", None)
-        if event is not None:
-            event.set()
-        else:  # still starting: nothing is in flight
-            os._exit(0)
+        _set_draining(rt)
+        if _drain(rt, config.drain_timeout_s, list(getattr(server, "inference_workers", []))):
+            print("mlic serve: drained, stopping", flush=True)
+        else:
+            with rt.failed.get_lock():
+                rt.failed.value = rt.failed.value or 3
+            print(
+                f"mlic serve: error: drain timed out with {rt.inflight.value} request(s) "
+                "unanswered; stopping with exit code 1",
+                file=sys.stderr,
+                flush=True,
+            )
+        _stop(server)
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        # A thread of its own: the main thread is blocked in a manager call that a signal
+    def on_stop_signal(signum: int, frame: Any) -> None:
+        # A forked HTTP process inherits this handler, and re-raises the signal uvicorn
+        # caught once it has stopped: only the main process drains.
+        if os.getpid() != main_pid:
+            return
+        # Threads of their own: the main thread is blocked in a manager call that a signal
         # handler must not re-enter.
-        threading.Thread(target=drain_and_stop, name="mlic-drain", daemon=True).start()
+        if not rt.draining.value:
+            threading.Thread(target=drain_and_stop, name="mlic-drain", daemon=True).start()
+        elif signum == signal.SIGINT:  # a second Ctrl+C: unanswered requests fail
+            threading.Thread(target=_stop, args=(server,), name="mlic-stop", daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_stop_signal)
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _abort_start(server: _MlicServer) -> None:
+    """A process died while LitServe still waits for its workers (it would wait forever)."""
+    for proc in getattr(server, "inference_workers", None) or []:
+        if proc.is_alive():
+            proc.kill()
+    manager = getattr(server.transport_config, "manager", None)
+    if manager is not None:
+        manager.shutdown()
+    os._exit(1)
+
+
+def _setup_failed(server: _MlicServer) -> bool:
+    from litserve.utils import WorkerSetupStatus
+
+    status = dict(getattr(server, "workers_setup_status", None) or {})
+    return any(v == WorkerSetupStatus.ERROR for v in status.values())
+
+
+def watch_processes(server: _MlicServer, config: ServeConfig) -> None:
+    """Main-process thread: a dead inference worker or HTTP process stops the server.
+
+    ``/readyz`` and new requests answer 503 naming the failure, requests that other workers
+    hold are answered (up to ``--drain-timeout``), and the server exits 1, so that a
+    supervisor restarts it (a request the dead worker held cannot be answered).
+    """
+    rt = _runtime()
+    while not rt.stopping.value:
+        time.sleep(WATCH_INTERVAL_S)
+        if rt.draining.value or rt.stopping.value:
+            continue  # a drain ends the server itself; its stopped processes are expected
+        workers = list(getattr(server, "inference_workers", None) or [])
+        http = list((server.mlic_http or {}).values())
+        dead = next((p for p in [*workers, *http] if not p.is_alive()), None)
+        if dead is None or (server.mlic_http is None and _setup_failed(server)):
+            continue  # a worker whose setup raised: LitServe's start raises (see serve)
+        rt.failed.value = 2 if dead in http else 1
+        print(
+            f"mlic serve: error: {FAILURES[rt.failed.value]} ({dead.name}, pid {dead.pid}, "
+            f"{_exit_status(dead.exitcode)}); stopping with exit code 1",
+            file=sys.stderr,
+            flush=True,
+        )
+        if server.mlic_http is None:
+            _abort_start(server)
+        _set_draining(rt)
+        time.sleep(FAILED_HOLD_S)  # probes of /readyz see the failure meanwhile
+        if rt.failed.value == 1:  # the other workers answer what they hold
+            _drain(rt, config.drain_timeout_s, workers)
+        _stop(server)
+        return
 
 
 def serve(config: ServeConfig) -> int:
-    """Build and run the server until SIGTERM / Ctrl+C; 0 after a clean shutdown."""
+    """Build and run the server until SIGTERM / Ctrl+C: 0 after a clean drain, 1 when an
+    inference worker or the HTTP process died or the drain timed out."""
+    config.check()
     host = "127.0.0.1" if config.host == "localhost" else config.host
-    if host not in ("127.0.0.1", "0.0.0.0", "::"):
-        raise ConfigError(f"--host {config.host}: LitServe binds 127.0.0.1, 0.0.0.0 or :: only")
-    if config.max_wait_ms / 1000.0 >= config.timeout_s:
-        raise ConfigError(f"--max-wait-ms {config.max_wait_ms:g} must be below the request timeout")
+    check_port_free(host, config.port)
     server = build_server(config)
     _install_sigterm(server, config)
     info = _runtime().info
@@ -726,6 +1056,24 @@ def serve(config: ServeConfig) -> int:
         flush=True,
     )
     log.debug("serve config: %s", asdict(config) | {"token": "***" if config.token else None})
-    server.run(host=host, port=config.port, num_api_servers=1, log_level="warning",
-               generate_client_file=False, api_server_worker_type="process")  # fmt: skip
-    return 0
+    watcher = threading.Thread(
+        target=watch_processes, args=(server, config), name="mlic-watch", daemon=True
+    )
+    watcher.start()
+    try:
+        server.run(
+            host=host,
+            port=config.port,
+            num_api_servers=1,
+            log_level="warning",
+            generate_client_file=False,
+            api_server_worker_type="process",
+            timeout_keep_alive=KEEP_ALIVE_S,
+            http=_head_deadline_protocol(config.read_timeout_s),
+        )
+    except RuntimeError as e:  # LitServe: a worker's setup raised (its traceback is above)
+        _runtime().stopping.value = 1
+        for proc in getattr(server, "inference_workers", None) or []:
+            proc.kill()
+        raise ConfigError(f"{config.target}: the inference worker did not start ({e})") from None
+    return 1 if _runtime().failed.value else 0

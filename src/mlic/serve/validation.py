@@ -7,7 +7,9 @@ predict`` decodes files (:func:`mlic.data.transforms.load_image` with the same d
 size, then the evaluation resize), so served probabilities equal the command's.
 
 Nothing here opens a path or a URL: uploads are bytes, and a file name sent by a client
-is only echoed back (truncated) in answers and error messages.
+is only echoed back (truncated) in answers and error messages. PIL opens uploads only in the
+formats of :data:`~mlic.data.transforms.IMAGE_FORMATS` (all decoded inside Pillow, no external
+program); anything else is a 415 naming what it is, from its first bytes, before any plugin runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mlic.data.transforms import build_transform, load_image
+from mlic.data.transforms import IMAGE_FORMATS, build_transform, load_image
 from mlic.errors import DataError
 
 __all__ = [
@@ -35,11 +39,42 @@ __all__ = [
     "RequestError",
     "ImagePreparer",
     "parse_options",
+    "parse_json_body",
+    "check_heatmap_count",
+    "refused_format",
     "display_name",
 ]
 
 HEATMAP_CHOICES = ("false", "true", "all")
 OVERLAY_MAX_SIDE = 384  # heat-map overlays are drawn on a copy of the photo at most this big
+# Heat maps bound the answer: each is a base64 PNG of up to OVERLAY_MAX_SIDE px (~100-300 KB),
+# so an answer holds at most MAX_HEATMAP_IMAGES x MAX_HEATMAP_LABELS of them (~20 MB).
+MAX_HEATMAP_LABELS = 8  # per image: 'true' the most probable predicted labels, 'all' the top 8
+MAX_HEATMAP_IMAGES = 8  # images per request when heat maps are asked for
+
+# First bytes of formats PIL could open but mlic refuses (offset, magic, what to call it):
+# only to name the format in the 415; the refusal itself is the allow-list.
+_REFUSED_MAGIC = (
+    (0, b"%!PS", "PostScript/EPS"),
+    (0, b"\xc5\xd0\xd3\xc6", "EPS"),
+    (0, b"%PDF", "PDF"),
+    (0, b"8BPS", "PSD"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (0, b"\xffO\xffQ", "JPEG 2000"),
+    (4, b"ftyp", "HEIF/AVIF"),
+    (0, b"icns", "ICNS"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"\x00\x00\x02\x00", "CUR"),
+    (0, b"DDS ", "DDS"),
+    (0, b"qoif", "QOI"),
+    (0, b"SIMPLE", "FITS"),
+    (0, b"\x89HDF", "HDF5"),
+    (0, b"/* XPM */", "XPM"),
+    (0, b"#define", "XBM"),
+    (0, b"\xd7\xcd\xc6\x9a", "WMF"),
+    (0, b"<?xml", "XML/SVG"),
+    (0, b"<svg", "SVG"),
+)
 
 
 class RequestError(Exception):
@@ -103,11 +138,20 @@ def _parse_bool(key: str, value: Any) -> bool:
 
 
 def _parse_number(key: str, value: Any, kind: type, what: str) -> Any:
-    """``kind(value)`` (``float`` or ``int``), or a 422 naming the option and the value."""
+    """``kind(value)`` (``float`` or ``int``), or a 422 naming the option and the value.
+
+    nan, inf, booleans and (for ``int``) fractions are refused, not rounded or compared.
+    """
+    bad = RequestError(422, f"option {key!r} must be {what}, got {str(value)[:40]!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise bad
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise RequestError(422, f"option {key!r} must be {what}, got {str(value)[:40]!r}") from None
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
+        raise bad
+    return int(number) if kind is int else number
 
 
 def parse_options(raw: Mapping[str, Any]) -> Options:
@@ -139,16 +183,55 @@ def parse_options(raw: Mapping[str, Any]) -> Options:
     return opts
 
 
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """A JSON request body -> its top-level object, or a 4xx (never a 500).
+
+    Deep nesting (``[[[[...]]]]``) makes the parser recurse: a 400, as any other bad JSON.
+    """
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        raise RequestError(400, "body is not accepted JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, over-long numbers
+        raise RequestError(400, f"body is not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(doc, dict):
+        raise RequestError(422, 'JSON body must be an object {"images": [base64, ...]}')
+    if "images" not in doc:
+        others = ", ".join(repr(str(k)[:40]) for k in list(doc)[:3]) or "none"
+        raise RequestError(400, f"JSON body has no 'images' field (fields: {others})")
+    return doc
+
+
+def check_heatmap_count(heatmaps: str, n_images: int) -> None:
+    """A 422 when heat maps are asked for more images than one answer may carry."""
+    if heatmaps != "false" and n_images > MAX_HEATMAP_IMAGES:
+        raise RequestError(
+            422,
+            f"heat maps for {n_images} images in one request; at most {MAX_HEATMAP_IMAGES} "
+            "(send the others in further requests, or without heat maps)",
+        )
+
+
+def refused_format(data: bytes) -> str | None:
+    """What a file PIL may not open looks like (``'PostScript/EPS'``...), from its first
+    bytes only; None when it looks like nothing known."""
+    for offset, magic, what in _REFUSED_MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return what
+    return None
+
+
 class ImagePreparer:
     """Decode and resize uploads exactly as ``mlic predict`` does, under the request limits."""
 
-    def __init__(self, image_size: int, limits: Limits) -> None:
+    def __init__(self, image_size: int, limits: Limits, resize: int | None = None) -> None:
         self.image_size = image_size
         self.limits = limits
         # The evaluation transform without its last step (normalisation runs on the batch
         # in the worker: 4x fewer bytes cross processes, bit-identical result).
-        self.resize = build_transform(image_size, (0.0,) * 3, (1.0,) * 3, train=False,
-                                      normalize=False)  # fmt: skip
+        self.resize = build_transform(
+            image_size, (0.0,) * 3, (1.0,) * 3, False, normalize=False, resize=resize
+        )
 
     def check_count(self, n: int) -> None:
         if n == 0:
@@ -177,11 +260,20 @@ class ImagePreparer:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as img:  # the header only
+                # The header only, and only the allowed formats' plugins look at it.
+                with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
                     w, h = img.size
                     fmt = img.format
         except UnidentifiedImageError:
-            raise RequestError(415, f"{name}: not an image (no format PIL can identify)") from None
+            accepted = ", ".join(IMAGE_FORMATS)
+            what = refused_format(data)
+            if what is not None:
+                raise RequestError(
+                    415, f"{name}: {what} files are not accepted (accepted formats: {accepted})"
+                ) from None
+            raise RequestError(
+                415, f"{name}: not an image in an accepted format ({accepted})"
+            ) from None
         except Image.DecompressionBombError as e:
             raise RequestError(413, f"{name}: image too large ({e})") from None
         except Exception as e:
