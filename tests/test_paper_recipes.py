@@ -170,6 +170,10 @@ def test_mlgcn_classifiers_start_at_zero() -> None:
         ("aamn", {"memory": False}),
         ("attn_gcn", {"gcn": False}),
         ("mgsgn", {"dual_branch": "channel"}),
+        ("mgsgn", {"dual_branch": "none"}),
+        ("mgsgn", {"cross_layer": False}),
+        ("mgsgn", {"dynamic_graph": False}),
+        ("mgsgn", {"static_graph": False}),
     ],
 )
 def test_ablation_switches_build_train_and_reload(name: str, kwargs: dict, tmp_path) -> None:
@@ -251,8 +255,10 @@ def test_paper_recipes_pin_the_papers_weights_and_augmentation() -> None:
         raw = yaml.safe_load(resolve_config_path(name).read_text())
         if "resnet101" in cfg.model.backbone:
             assert cfg.model.backbone == "resnet101.tv_in1k", name
-        if name.split("_")[0] in ("mlgcn", "attn", "mgsgn", "ssgrl") and "demo" not in name:
+        if name.split("_")[0] in ("mlgcn", "attn", "mgsgn") and "demo" not in name:
             assert cfg.data.crop == "multiscale", name
+        if name.startswith("ssgrl") and "demo" not in name:  # SSGRL's warp + square crops
+            assert (cfg.data.crop, cfg.data.resize, cfg.data.hflip) == ("square", 640, False), name
         if name.startswith("msformer") and "demo" not in name:
             assert cfg.loss.clip == 0.0 and cfg.data.hflip is False, name  # Eq. 12; no flip
         if cfg.optim.name == "sgd":

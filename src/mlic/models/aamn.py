@@ -38,7 +38,7 @@ systems"), taken from the works the paper cites:
   prototype of class c is the running (momentum ``memory_momentum``, default 0.9) mean of
   the class-c label features ``f_c`` of the *training* images in which c is present
   (target 1; targets 0 and -1 do not contribute), set directly on the first batch that
-  contains the class (``memory_initialized`` buffer) so no prototype drifts up from zero.
+  contains the class (``initialized`` buffer) so no prototype drifts up from zero.
   The update runs only in training, outside autograd, from the detached label features of
   the last training forward (see "Training hook" below). Reading: every label feature
   queries the C prototypes by scaled dot-product attention, ``r_c = softmax(W_q f_c M^T /
@@ -59,6 +59,16 @@ backward pass, which moves the memory. Eval-mode forwards and forwards without t
 never change the memory. Under DDP the per-class sums and counts are all-reduced first so
 every rank applies the same update. The memory is a persistent buffer: it is saved with the
 checkpoint and averaged by the trainer's EMA like any buffer.
+
+Under EMA (OURS): ``initialized`` is a float weight (1 once a class was seen, 0 before), not a
+boolean, and the read uses ``memory / initialized``. timm's EMA averages both floats alike,
+so in the EMA copy a class first seen at step t0 has ``memory = sum_t w_t m_t`` and
+``initialized = sum_t w_t`` over the steps since t0: their ratio is the weighted average of
+the live prototypes since t0, exact from the first update on. (A boolean mask is copied, not
+averaged, and would unmask a prototype that is only ``(1 - decay)`` of its value.)
+
+No published figure is recorded in the registry: the abstract names COCO 2014, VOC 2007 and
+VG-500 but gives no numbers (``mlic models --paper``).
 """
 
 from __future__ import annotations
@@ -71,9 +81,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlic.models.layers import ClassWiseAttention, ClassWiseLinear, MultiLabelModel
+from mlic.models.papers import PaperResult
 from mlic.models.registry import register_model
 
-__all__ = ["AAMN", "ChannelRelation", "SpatialRelation", "CategoricalMemory"]
+__all__ = ["AAMN", "ChannelRelation", "SpatialRelation", "CategoricalMemory", "AAMN_PUBLISHED"]
+
+_SEED = "seed 001 (Zhou et al., ACM TOMM 2023): the abstract names this data set, gives no figure"
+AAMN_PUBLISHED = tuple(
+    PaperResult(d, None, _SEED, input_size=None, backbone="not in the abstract", weights=None)
+    for d in ("coco2014", "voc2007", "vg500")
+)
 
 # OUR training recipe (the abstract gives none): the Q2L / ASL settings, see module docstring.
 _PAPER: dict[str, Any] = {
@@ -156,7 +173,9 @@ class CategoricalMemory(nn.Module):
     """One prototype per class, moved by momentum from training features, read by attention.
 
     Buffers (persistent, so they travel with checkpoints): ``memory`` [C, D] and
-    ``initialized`` [C] (bool: has the class been seen in a training batch yet).
+    ``initialized`` [C], a float weight: 1 once the class was seen in a training batch, 0
+    before (in an EMA copy, the averaged weight of the steps since; see the module
+    docstring). The prototypes are ``memory / initialized`` where ``initialized > 0``.
     """
 
     def __init__(self, num_classes: int, dim: int, momentum: float = 0.9) -> None:
@@ -166,16 +185,33 @@ class CategoricalMemory(nn.Module):
         self.momentum = momentum
         self.query = nn.Linear(dim, dim)
         self.register_buffer("memory", torch.zeros(num_classes, dim))
-        self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+        # a float, so that an EMA of the module averages it with the memory (see above)
+        self.register_buffer("initialized", torch.zeros(num_classes))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # checkpoints written before the weight was a float hold a boolean mask: same values
+        key = prefix + "initialized"
+        if key in state_dict and state_dict[key].dtype == torch.bool:
+            state_dict[key] = state_dict[key].to(self.initialized.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def prototypes(self) -> torch.Tensor:
+        """The class prototypes [C, D]: ``memory / initialized``, 0 for unseen classes.
+
+        Exactly ``memory`` in the trained model (weights 1 or 0); in an EMA copy the weighted
+        average of the live prototypes since each class was first seen.
+        """
+        weight = self.initialized.clamp_min(torch.finfo(self.memory.dtype).tiny)  # [C]
+        return self.memory / weight[:, None]  # [C, D]
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         # feats: [B, C, D] label features -> read vectors [B, C, D]
         q = self.query(feats).unsqueeze(1)  # [B, 1, C, D]
-        mem = self.memory.to(q.dtype).expand(q.shape[0], 1, -1, -1)  # [B, 1, C, D]
+        mem = self.prototypes().to(q.dtype).expand(q.shape[0], 1, -1, -1)  # [B, 1, C, D]
         # Prototypes of classes never seen in training are still zero: keep them out of the
         # read (an additive mask, not a branch, so export traces one graph). With no class
         # seen yet every slot is masked alike and the read is the mean of zeros, 0.
-        unseen = ((~self.initialized).to(q.dtype) * _MASKED).view(1, 1, 1, -1)  # [1, 1, 1, C]
+        unseen = ((self.initialized <= 0).to(q.dtype) * _MASKED).view(1, 1, 1, -1)  # [1, 1, 1, C]
         return F.scaled_dot_product_attention(q, mem, mem, attn_mask=unseen).squeeze(1)
 
     @torch.no_grad()
@@ -193,10 +229,12 @@ class CategoricalMemory(nn.Module):
             dist.all_reduce(counts)
         seen = counts > 0  # [C]
         mean = sums / counts.clamp_min(1.0)[:, None]  # [C, D]
-        m = torch.where(self.initialized, self.momentum, 0.0).to(self.memory.dtype)  # [C]
-        moved = m[:, None] * self.memory + (1.0 - m[:, None]) * mean  # [C, D]
+        m = torch.where(self.initialized > 0, self.momentum, 0.0).to(self.memory.dtype)  # [C]
+        # from the prototypes, not the raw memory: a model loaded from an EMA checkpoint
+        # holds weights below 1; a moved class has weight 1 again
+        moved = m[:, None] * self.prototypes() + (1.0 - m[:, None]) * mean  # [C, D]
         self.memory.copy_(torch.where(seen[:, None], moved, self.memory))
-        self.initialized.logical_or_(seen)
+        self.initialized.masked_fill_(seen, 1.0)
 
 
 class AAMN(MultiLabelModel):
@@ -279,7 +317,7 @@ class AAMN(MultiLabelModel):
         self.memory.update(feats, targets.to(feats.device))
 
 
-@register_model
+@register_model(published=AAMN_PUBLISHED)
 def aamn(num_classes: int, labels=None, **kwargs) -> AAMN:
     """AAMN (seed 001, reconstruction): DANet channel/position relations + categorical memory."""
     return AAMN(num_classes, **kwargs)

@@ -162,14 +162,22 @@ class MultiLabelModel(nn.Module):
                 )
         self.prior_bias = nn.Parameter(init)
 
-    def param_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict]:
-        """Backbone vs head parameter groups; no weight decay on norms and biases."""
+    def param_groups(
+        self,
+        lr: float,
+        backbone_lr_mult: float,
+        weight_decay: float,
+        decay_norm_and_bias: bool = False,
+    ) -> list[dict]:
+        """Backbone vs head parameter groups; no weight decay on norms and biases (every 1-D
+        parameter) unless ``decay_norm_and_bias``, which decays every parameter as ML-GCN's
+        SGD and Query2Label's AdamW did (``optim.decay_norm_and_bias``)."""
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             is_backbone = name.startswith("backbone.")
-            no_decay = p.ndim <= 1 or name.endswith(".bias")
+            no_decay = not decay_norm_and_bias and (p.ndim <= 1 or name.endswith(".bias"))
             groups.setdefault((is_backbone, no_decay), []).append(p)
         out = []
         for (is_backbone, no_decay), params in groups.items():

@@ -61,8 +61,20 @@ SE/GCNet channel gating):
   GCN(V)`` so the graph refines rather than replaces the visual label features;
 * one linear classifier per class on Z (``ClassWiseLinear``);
 * training recipe: the abstract gives none. OURS: ML-GCN's (SGD momentum 0.9, weight
-  decay 1e-4, head lr 0.1 with the backbone at 0.1x, BCE, 448 px random crops + flips,
-  batch 32, gradient-norm clip 10), with a cosine schedule over 50 epochs.
+  decay 1e-4 on every parameter, head lr 0.1 with the backbone at 0.1x, BCE, 448 px random
+  crops + flips, batch 32, gradient-norm clip 10), with a cosine schedule over 50 epochs.
+
+Ablation switches, one per module the abstract names (each removes exactly that module):
+
+* ``cross_layer=False``: no multi-scale reconstruction; the deepest level alone, projected
+  to ``dim`` by the same 1x1 conv + BN + ReLU (its map is layer4's grid, 14x14 at 448 px);
+* ``dual_branch="none"``: no channel dual-branch cross-attention (the identity);
+* ``dynamic_graph=False``: the static co-occurrence graph alone (no perspectives, no mix);
+* ``static_graph=False``: the dynamic graph alone (no co-occurrence buffer, no mix);
+  with both graphs off the GCN goes too and the classifiers read the label features V.
+
+No published figure is recorded in the registry: the abstract gives none and does not name
+its two data sets (``mlic models --paper``).
 """
 
 from __future__ import annotations
@@ -221,7 +233,21 @@ class GlobalLocalSpatialCrossAttention(_GlobalLocalFusion):
         return self.fuse(x, x * self.spatial_gate(x))
 
 
-DUAL_BRANCH = ("spatial", "channel")
+DUAL_BRANCH = ("spatial", "channel", "none")
+
+
+class DeepestLevel(nn.Module):
+    """The ``cross_layer=False`` ablation: the deepest backbone map alone, projected to ``dim``
+    (the projection :class:`CrossLayerAttention` applies to that level), one level weight."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.proj = _conv_bn_relu(in_channels, dim)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # features: [..., [B, C_L, h, w]] -> [B, d, h, w], level weights [B, 1, h, w] (all 1)
+        x = self.proj(features[-1])  # [B, d, h, w]
+        return x, x.new_ones(x.shape[0], 1, *x.shape[-2:])
 
 
 class MultiPerspectiveGraph(nn.Module):
@@ -288,37 +314,57 @@ class MGSGN(MultiLabelModel):
         p: float = 0.2,
         adjacency: str = "paper",
         dual_branch: str = "spatial",
+        cross_layer: bool = True,
+        dynamic_graph: bool = True,
+        static_graph: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
         """``dual_branch``: ``spatial`` (default) is :class:`GlobalLocalSpatialCrossAttention`,
         where the global context reweights positions; ``channel`` the earlier reading
-        (:class:`ChannelDualCrossAttention`), whose global branch is constant over positions."""
-        super().__init__(num_classes, backbone, pretrained, (-3, -2, -1), drop_path_rate)
+        (:class:`ChannelDualCrossAttention`), whose global branch is constant over positions;
+        ``none`` removes the module. ``cross_layer``, ``dynamic_graph``, ``static_graph``:
+        False removes that module (the ablations, see the module docstring)."""
+        levels = (-3, -2, -1) if cross_layer else (-1,)
+        super().__init__(num_classes, backbone, pretrained, levels, drop_path_rate)
         if dual_branch not in DUAL_BRANCH:
             raise ValueError(f"dual_branch={dual_branch!r}: choose one of {list(DUAL_BRANCH)}")
-        self.cross_layer = CrossLayerAttention(self.backbone.channels, dim)
-        self.dual_branch = (
-            GlobalLocalSpatialCrossAttention(dim, channel_reduction)
-            if dual_branch == "spatial"
-            else ChannelDualCrossAttention(dim, channel_reduction)
+        self.cross_layer: nn.Module = (
+            CrossLayerAttention(self.backbone.channels, dim)
+            if cross_layer
+            else DeepestLevel(self.backbone.channels[-1], dim)
         )
+        branches = {
+            "spatial": lambda: GlobalLocalSpatialCrossAttention(dim, channel_reduction),
+            "channel": lambda: ChannelDualCrossAttention(dim, channel_reduction),
+            "none": nn.Identity,
+        }
+        self.dual_branch: nn.Module = branches[dual_branch]()
         self.class_attention = ClassWiseAttention(dim, num_classes)
-        self.dynamic_graph = MultiPerspectiveGraph(
-            dim, num_perspectives, perspective_dim, center_graph
+        self.dynamic_graph = (
+            MultiPerspectiveGraph(dim, num_perspectives, perspective_dim, center_graph)
+            if dynamic_graph
+            else None
         )
-        self.register_buffer(
-            "static_adjacency", label_graph(labels, num_classes, "mlgcn", tau, p, adjacency)
-        )
-        self.mix_logit = nn.Parameter(torch.zeros(1))
-        self.gcn = GCNStack((dim, gcn_hidden, dim))
+        static = label_graph(labels, num_classes, "mlgcn", tau, p, adjacency)
+        self.register_buffer("static_adjacency", static if static_graph else None)
+        # the learnable static/dynamic mix exists only when there are two graphs to mix
+        both = dynamic_graph and static_graph
+        self.mix_logit = nn.Parameter(torch.zeros(1)) if both else None
+        has_graph = dynamic_graph or static_graph
+        self.gcn = GCNStack((dim, gcn_hidden, dim)) if has_graph else None
         self.dropout = nn.Dropout(drop_rate)
         self.classifier = ClassWiseLinear(num_classes, dim)
 
     def adjacency(self, v: torch.Tensor) -> torch.Tensor:
-        """The per-image graph the GCN uses: mix of the static and the dynamic graph [B, C, C]."""
-        s = torch.sigmoid(self.mix_logit).to(v.dtype)  # [1]
+        """The graph the GCN uses: the mix of the static and the dynamic graph [B, C, C], or
+        the one graph an ablation keeps ([C, C] static, [B, C, C] dynamic)."""
+        if self.dynamic_graph is None:
+            return self.static_adjacency.to(v.dtype)  # [C, C]
         dyn = self.dynamic_graph(v)  # [B, C, C]
+        if self.static_adjacency is None:
+            return dyn
+        s = torch.sigmoid(self.mix_logit).to(v.dtype)  # [1]
         return s * self.static_adjacency.to(v.dtype) + (1.0 - s) * dyn  # [B, C, C]
 
     def forward_head(
@@ -327,7 +373,7 @@ class MGSGN(MultiLabelModel):
         x, _ = self.cross_layer(features)  # [B, d, h, w]
         x = self.dual_branch(x)  # [B, d, h, w]
         v, maps = self.class_attention(x, need_weights=return_attention)  # [B, C, d]
-        z = v + self.gcn(v, self.adjacency(v))  # [B, C, d]
+        z = v if self.gcn is None else v + self.gcn(v, self.adjacency(v))  # [B, C, d]
         logits = self.classifier(self.dropout(z))  # [B, C]
         if not return_attention:
             return logits

@@ -1,30 +1,58 @@
 """Model registry: variants register with a decorator, duplicates are refused.
 
-Each registered entry is a factory ``fn(num_classes, labels=None, **kwargs) -> nn.Module``.
-Models carry ``default_cfg`` (input size, normalisation, paper settings) as data.
+Each registered entry is a factory ``fn(num_classes, labels=None, **kwargs) -> nn.Module``
+and the model's published results (``@register_model(published=(PaperResult(...), ...))``,
+see :mod:`mlic.models.papers`): the one place for the papers' figures.
+Models carry ``default_cfg`` (input size, normalisation, paper training settings) as data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.nn as nn
 
 from mlic.errors import ConfigError
+from mlic.models.papers import PaperResult
 
-__all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint"]
+__all__ = [
+    "register_model",
+    "create_model",
+    "list_models",
+    "is_model",
+    "model_entrypoint",
+    "published_results",
+]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_PUBLISHED: dict[str, tuple[PaperResult, ...]] = {}
+
+Factory = Callable[..., nn.Module]
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` under its function name; a second registration of a name is an error."""
-    name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
-    _MODELS[name] = fn
-    return fn
+def register_model(
+    fn: Factory | None = None, *, published: Sequence[PaperResult] = ()
+) -> Factory | Callable[[Factory], Factory]:
+    """Register ``fn`` under its function name; a second registration of a name is an error.
+
+    ``@register_model`` or ``@register_model(published=...)``: ``published`` are the
+    model's results as its paper (or a peer's) reports them, each with its source.
+    """
+
+    def add(f: Factory) -> Factory:
+        name = f.__name__
+        if name in _MODELS:
+            raise ValueError(
+                f"model {name!r} is already registered (by {_MODELS[name].__module__})"
+            )
+        if not all(isinstance(r, PaperResult) for r in published):
+            raise TypeError(f"model {name!r}: published results must be PaperResult rows")
+        _MODELS[name] = f
+        _PUBLISHED[name] = tuple(published)
+        return f
+
+    return add if fn is None else add(fn)
 
 
 def _import_all() -> None:
@@ -41,6 +69,12 @@ def list_models() -> list[str]:
 def is_model(name: str) -> bool:
     _import_all()
     return name in _MODELS
+
+
+def published_results(name: str) -> tuple[PaperResult, ...]:
+    """The published results recorded in ``name``'s registry entry (empty if none)."""
+    model_entrypoint(name)  # an unknown name is a ConfigError listing the registered ones
+    return _PUBLISHED[name]
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
