@@ -94,7 +94,7 @@ from huggingface_hub import scan_cache_dir
 from mlic.cli import main
 from mlic.errors import CheckpointError
 
-repo, local, image, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+repo, local, image, out, voc = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5]
 assert sorted(r.repo_id for r in scan_cache_dir().repos) == sorted([repo, "evil/pickle"])
 model, meta = mlic.load_checkpoint(f"hf-hub:{repo}")
 ref, ref_meta = mlic.load_checkpoint(local)
@@ -104,7 +104,10 @@ for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
 p = mlic.Predictor.from_checkpoint(f"hf-hub:{repo}")
 assert p.names == meta["label_names"]
 assert main(["predict", f"hf-hub:{repo}", image, "--output", str(out / "preds.csv"), "-q"]) == 0
+# a downloaded config's data locations are never used: the user names the data
 assert main(["eval", f"hf-hub:{repo}", "data.workers=0", "run.progress=false",
+             "--output", str(out / "ev")]) == 2
+assert main(["eval", f"hf-hub:{repo}", "data.workers=0", "run.progress=false", f"data.root={voc}",
              "--output", str(out / "ev")]) == 0
 assert main(["export", f"hf-hub:{repo}", "--format", "torchscript"]) == 0
 try:
@@ -146,8 +149,9 @@ def test_hf_hub_ids_load_offline_from_the_local_cache(run: Path, tmp_path: Path)
            "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # fmt: skip
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
+    voc = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
     p = subprocess.run(
-        [sys.executable, "-c", OFFLINE_SCRIPT, REPO, str(run / "best.safetensors"), str(image), str(work)],
+        [sys.executable, "-c", OFFLINE_SCRIPT, REPO, str(run / "best.safetensors"), str(image), str(work), voc],
         env=env, cwd=work, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]

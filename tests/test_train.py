@@ -135,7 +135,14 @@ def test_gradient_accumulation_steps_the_optimiser_less_often(
 
 
 def test_torch_compile_trains_like_eager(tiny_voc: Path, tmp_path: Path) -> None:
-    over = {"train.epochs": "1", "train.ema": "false", "data.randaugment": "false"}
+    # fp32 on every CPU: train.amp=auto picks bf16 where the CPU has it (AMX, AVX512_BF16), and
+    # inductor's bf16 rounding differs from eager's; bf16 has its own test below
+    over = {
+        "train.epochs": "1",
+        "train.ema": "false",
+        "data.randaugment": "false",
+        "train.amp": "off",
+    }
     train(tiny_cfg(tiny_voc, tmp_path, "eager", **over))
     train(tiny_cfg(tiny_voc, tmp_path, "compiled", **over, **{"train.compile": "true"}))
     a, b = read_metrics(tmp_path / "eager")[0], read_metrics(tmp_path / "compiled")[0]

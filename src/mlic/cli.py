@@ -7,6 +7,7 @@ Every user-facing failure is an :class:`~mlic.errors.MlicError` printed as one l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -45,7 +46,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mlic.engine.trainer import train
 
     if args.resume:
-        result = train(None, resume=args.resume)  # type: ignore[arg-type]
+        overrides = list(args.overrides)
+        if args.config is not None:  # `train --resume RUN train.epochs=5`: an override
+            if "=" not in args.config:
+                raise ConfigError(
+                    f"{args.config}: give a CONFIG or --resume RUN_DIR, not both (a resumed run "
+                    "keeps its own config; key=value overrides may follow)"
+                )
+            overrides.insert(0, args.config)
+        result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
     else:
         if args.config is None:
             raise ConfigError(
@@ -144,6 +153,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mlic.predict import format_table, run_predict, write_predictions
 
     retain_freed_memory()  # this process is ours: no page faults per batch
+    _check_predict_outputs(args)  # before the model is loaded
+    if args.backend == "torch":
+        _check_device(args.device)
     ckpt, _ = resolve_target(args.checkpoint)
     if args.backend == "onnxruntime":
         from mlic.inference import OnnxPredictor
@@ -152,8 +164,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor.from_checkpoint(ckpt, device=args.device, precision=args.precision)
     heat = Path(args.heatmaps) if args.heatmaps else None
-    if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):  # before any work
-        raise ConfigError(f"--output {args.output}: must end in .csv or .jsonl")
     summary = run_predict(predictor, args.inputs, batch_size=args.batch_size, threshold=args.threshold,
                           top_k=args.top_k, heatmaps=heat, progress=not args.quiet)  # fmt: skip
     if not summary.predictions and summary.failed:  # nothing to write: keep any old output
@@ -179,6 +189,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device(name: str, option: str = "--device") -> None:
+    """A torch device string that exists here (``cpu``, ``cuda``, ``cuda:1``), else ConfigError."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{option} {name!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(f"{option} {name!r}: there are {count} CUDA devices here")
+
+
+def _check_predict_outputs(args: argparse.Namespace) -> None:
+    """``mlic predict``'s --output and --heatmaps, checked before any work."""
+    from mlic.files import display_path, refuse_run_file
+
+    if args.output:
+        out = Path(args.output)
+        if out.suffix not in (".csv", ".jsonl"):
+            raise ConfigError(f"--output {display_path(out)}: must end in .csv or .jsonl")
+        if out.is_dir():
+            raise ConfigError(f"--output {display_path(out)}: is a folder, not a file name")
+        refuse_run_file(out, "--output")
+    if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():
+        raise ConfigError(f"--heatmaps {display_path(args.heatmaps)}: exists and is not a folder")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -189,11 +228,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"mlic serve needs the serve extra ({e.name} missing): pip install 'mlic[serve]'"
         ) from e
     backend = args.backend or ("onnxruntime" if str(args.target).endswith(".onnx") else "torch")
-    for name in ("max_batch_size", "workers", "max_images", "max_queue"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
-        raise ConfigError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
+    # The parser bounds each number (mlic.serve.SERVE_RANGES); ServeConfig.check (in serve)
+    # checks what depends on several options, the host, the device and the port.
+    # An explicit --token '' is refused (it would silently turn authentication off).
+    token = args.token if args.token is not None else os.environ.get("MLIC_SERVE_TOKEN") or None
     config = ServeConfig(
         target=args.target,
         backend=backend,
@@ -203,11 +241,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         workers=args.workers,
         max_upload_mb=args.max_upload_mb,
+        max_request_mb=args.max_request_mb,
         max_images=args.max_images,
         max_pixels=args.max_pixels,
         max_queue=args.max_queue,
-        token=args.token or os.environ.get("MLIC_SERVE_TOKEN") or None,
+        token=token,
         timeout_s=args.timeout,
+        read_timeout_s=args.read_timeout,
+        drain_timeout_s=args.drain_timeout,
         device=args.device,
         precision=args.precision,
         threads=args.threads,
@@ -218,14 +259,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from mlic.evaluate import resolve_target
     from mlic.export import SUFFIXES, export_checkpoint
-    from mlic.hub import is_hub_id
+    from mlic.hub import in_hub_cache, is_hub_id
 
     if args.int8 and args.format != "onnx":  # before the export, not after it
         raise ConfigError("--int8 applies to --format onnx")
+    # a downloaded model's config names no data mlic would read: calibration images needed
+    needs_images = f"{args.checkpoint}: --int8 of a downloaded model needs --calibration DIR"
+    if args.int8 and not args.calibration and is_hub_id(args.checkpoint):  # before a download
+        raise ConfigError(needs_images)
     ckpt, _ = resolve_target(args.checkpoint)
+    downloaded = is_hub_id(args.checkpoint) or in_hub_cache(ckpt)  # or a path into the cache
+    if args.int8 and not args.calibration and downloaded:
+        raise ConfigError(needs_images)
     output = Path(args.output) if args.output else None  # default: beside the checkpoint
     if output is None and is_hub_id(args.checkpoint):  # not into the Hugging Face cache
         output = Path(args.checkpoint.rsplit("/", 1)[-1].split("@")[0] + SUFFIXES[args.format])
+    elif output is None and downloaded:
+        output = Path(ckpt.stem + SUFFIXES[args.format])
     result = export_checkpoint(ckpt, output, format=args.format, image_size=args.image_size)
     print(
         f"exported {args.format} to {result.path}; max |p_export - p_eager| = {result.max_abs_diff:.2e}"
@@ -273,10 +323,19 @@ def _quantize(ckpt: Path, onnx_path: Path, args: argparse.Namespace) -> Path:
 def cmd_push(args: argparse.Namespace) -> int:
     """``mlic push RUN_DIR REPO_ID`` uploads; ``mlic push --dry-run RUN_DIR OUT_DIR`` writes the
     folder it would upload (model.safetensors, config.json, config.yaml, README.md)."""
-    from mlic.hub import push_run
+    from mlic.hub import push_run, validate_repo_id
 
     if args.dry_run:
         repo_id = args.repo_id or f"ORG/{Path(args.run_dir).resolve().name}"
+        try:
+            validate_repo_id(repo_id)
+        except MlicError:
+            if args.repo_id:
+                raise
+            raise ConfigError(  # the default came from the folder's name: say what to give
+                f"{Path(args.run_dir).resolve().name!r}: the run folder's name is not a Hub "
+                "repository id; give --repo-id ORG/NAME"
+            ) from None
         where = push_run(args.run_dir, repo_id, license=args.license, dry_run=args.target)
         print(f"wrote the folder `mlic push` would upload as {repo_id} to {where}")
         return 0
@@ -288,6 +347,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mlic.bench import benchmark
 
+    _check_device(args.device)
+    if args.batch_size > 4096:  # a bench batch is allocated whole, at once
+        raise ConfigError(f"--batch-size {args.batch_size}: must be <= 4096")
     r = benchmark(
         args.model, backbone=args.backbone, image_size=args.image_size, num_classes=args.num_classes,
         batch_size=args.batch_size, device=args.device, precision=args.precision, compile=args.compile,
@@ -301,11 +363,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_paper(names: list[str], json_path: str | None) -> int:
+    """``mlic models --paper``: each model's published results from its registry entry."""
+    from mlic.models.papers import published_rows
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    rows = published_rows(names)
+    head = ("model", "dataset", "px", "mAP", "CF1", "OF1", "params")
+    print("{:<10} {:<9} {:>4} {:>6} {:>6} {:>6} {:>6}  backbone; source".format(*head))
+    for r in rows:
+        px = "-" if r.get("input_size") is None else str(r["input_size"])
+        figures = " ".join(f"{num(r.get(k)):>6}" for k in ("mAP", "CF1", "OF1", "params_m"))
+        where = f"{r.get('backbone', '-')}; {r['source']}"
+        print(f"{r['model']:<10} {r['dataset'] or '-':<9} {px:>4} {figures}  {where}")
+    if json_path:
+        from mlic.files import write_text
+
+        write_text(json_path, json.dumps(rows, indent=1))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from mlic.bench import model_summary
     from mlic.models.registry import list_models
 
+    if args.json:  # before the table is computed
+        from mlic.files import refuse_run_file
+
+        if Path(args.json).is_dir():
+            raise ConfigError(f"--json {args.json}: is a folder, not a file name")
+        refuse_run_file(args.json, "--json")
     names = [n for n in list_models() if not args.filter or args.filter in n]
+    if args.paper:  # the registry's published results: no model is built
+        return _models_paper(names, args.json)
     rows = []
     print(f"{'model':<12} {'params (M)':>11} {'GFLOPs':>8}   backbone={args.backbone}, {args.image_size} px, "
           f"{args.num_classes} classes")  # fmt: skip
@@ -350,6 +442,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         print("\n".join(report.lines()))
         return 1 if report.num_problems else 0
     output = Path(args.output) if args.output else Path(cfg.run.output_dir) / "data-stats"
+    from mlic.files import refuse_run_file
+
+    refuse_run_file(output / "stats.md", "--output")  # not into a run's labels/ or tb/
     _, summary, report = write_stats(cfg, output, full=full, workers=args.workers)
     print(summary)
     return 1 if report.num_problems else 0
@@ -408,6 +503,7 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None) ->
 
 
 POSITIVE_INT = _bounded(int, 1)
+NUM_CLASSES = _bounded(int, 1, 100_000)  # as a checkpoint's (engine.checkpoint.MAX_CLASSES)
 PROBABILITY = _bounded(float, 0.0, 1.0)
 IMAGE_SIZE = _bounded(int, 16, 4096)
 PRECISION_ARG: dict = {
@@ -484,22 +580,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["torch", "onnxruntime"],
                    help="default: onnxruntime for .onnx, else torch")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch-size", type=int, default=16,
-                   help="requests per dynamic batch (1: no batching)")  # fmt: skip
-    s.add_argument("--max-wait-ms", type=float, default=10.0,
-                   help="how long a batch waits to fill")  # fmt: skip
-    s.add_argument("--workers", type=int, default=1, help="inference worker processes")
-    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image file")
-    s.add_argument("--max-images", type=int, default=32, help="most images in one request")
-    s.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (w x h)")
-    s.add_argument("--max-queue", type=int, default=64,
-                   help="requests admitted at once; more get 503 + Retry-After")  # fmt: skip
+    from mlic.serve import SERVE_RANGES  # light: LitServe loads only when serving
+
+    def serve_num(option: str, default: Any, what: str) -> None:
+        s.add_argument(option, type=_bounded(*SERVE_RANGES[option]), default=default, help=what)
+
+    serve_num("--port", 8000, "1024-65535; refused when in use")
+    serve_num("--max-batch-size", 16, "requests per dynamic batch (1: no batching)")
+    serve_num("--max-wait-ms", 10.0, "how long a batch waits to fill")
+    serve_num("--workers", 1, "inference worker processes")
+    serve_num("--max-upload-mb", 10.0, "largest image file")
+    serve_num("--max-request-mb", None, "largest request body (default: 64 or 2x upload)")
+    serve_num("--max-images", 32, "most images in one request")
+    serve_num("--max-pixels", 40_000_000, "largest image (w x h)")
+    serve_num("--max-queue", 64, "requests admitted at once; more get 503 + Retry-After")
     s.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or MLIC_SERVE_TOKEN)")
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait")
-    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    serve_num("--timeout", 60.0, "seconds a request may wait for its answer")
+    serve_num("--read-timeout", 30.0, "seconds for a request's head or body to arrive (408)")
+    serve_num("--drain-timeout", 30.0, "on SIGTERM: seconds to answer admitted requests")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     s.add_argument("--precision", **PRECISION_ARG)
-    s.add_argument("--threads", type=int, help="intra-op threads per worker")
+    serve_num("--threads", None, "intra-op threads per worker")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser(
@@ -556,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     s.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     s.add_argument("--image-size", type=IMAGE_SIZE, default=448)
-    s.add_argument("--num-classes", type=POSITIVE_INT, default=80)
+    s.add_argument("--num-classes", type=NUM_CLASSES, default=80)
     s.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps after one warm-up")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--data", help="folder of JPEGs: also time the data pipeline")
@@ -570,17 +671,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("filter", nargs="?", help="only names containing this")
     s.add_argument("--backbone", default="resnet101")
     s.add_argument("--image-size", type=IMAGE_SIZE, default=448)
-    s.add_argument("--num-classes", type=POSITIVE_INT, default=80)
+    s.add_argument("--num-classes", type=NUM_CLASSES, default=80)
     s.add_argument("--no-flops", action="store_true", help="skip the FLOP count (fast)")
+    s.add_argument(
+        "--paper", action="store_true", help="list the published results (mAP, CF1, OF1, source)"
+    )
     s.add_argument("--json", help="also write the table as JSON here")
     s.set_defaults(func=cmd_models)
     return p
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (torch's CPU/CUDA allocators or Python's)."""
+    text = str(e)
+    return (
+        isinstance(e, MemoryError)
+        or type(e).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`eval RUN --output X data.root=Y`) are overrides too
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    if extra and takes_overrides and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name prints as \xNN, not a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     try:
         return int(args.func(args) or 0)
     except MlicError as e:
@@ -596,6 +720,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"mlic: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:  # out of memory (sizes asked for): one line
+        if args.verbose or not _out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        hint = "ask for a smaller batch, image size or model"
+        print(f"mlic: error: out of memory ({first}); {hint}", file=sys.stderr)
         return 2
 
 

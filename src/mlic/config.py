@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from mlic.errors import ConfigError
 from mlic.files import read_regular_text
@@ -28,6 +28,8 @@ __all__ = [
     "RunConfig",
     "load_config",
     "save_config",
+    "RESUME_OVERRIDES",
+    "check_resume_overrides",
     "to_dict",
 ]
 
@@ -80,7 +82,14 @@ class DataConfig:
     object is cut away); ``multiscale`` is ML-GCN's MultiScaleCrop (from TSN): a crop whose
     sides are drawn from ``crop_scales`` x the short side (width and height at most
     ``crop_max_distort`` scale steps apart), at one of 13 fixed positions (corners, centre,
-    edge middles, quarter points), resized to S x S.
+    edge middles, quarter points), resized to S x S; ``square`` is SSGRL's: a square crop of
+    side ``crop_scales`` x ``resize`` at a random position of the ``resize`` x ``resize``
+    warp, resized to S x S (needs ``resize``).
+
+    ``resize`` (SSGRL's test protocol): images are first warped to ``resize`` x ``resize``;
+    evaluation then takes the centre S x S crop (``mlic eval`` too), and ``crop=square``
+    trains on random square crops of that warp. None (default): images are resized straight
+    to S x S. SSGRL: ``resize=640``, S = 576, ``crop_scales`` 1, .9, .8, .6, .5.
 
     ``calibration`` says where the per-class decision thresholds stored in the checkpoint
     come from: ``holdout`` (default) keeps ``calibration_fraction`` of the training split
@@ -114,9 +123,10 @@ class DataConfig:
     gpu_decode: bool = False
     max_train_images: int | None = None
     max_val_images: int | None = None
-    crop: str = "none"  # none | multiscale (see above)
+    crop: str = "none"  # none | multiscale | square (see above)
     crop_scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66, 0.5])
     crop_max_distort: int = 2
+    resize: int | None = None  # warp to this side first; eval: centre crop (see above)
     calibration: str = "holdout"  # holdout | val | none (see above)
     calibration_fraction: float = 0.1
     index: str | None = None  # wds: dataset.json location when not beside the shards
@@ -157,6 +167,9 @@ class OptimConfig:
     nesterov: bool = False  # SGD only; ML-GCN, CSRA and SSGRL use plain momentum
     backbone_lr_mult: float = 1.0  # ML-GCN and SSGRL train the backbone at 0.1x; 0 freezes it
     grad_clip: float | None = None
+    # false: no weight decay on biases and 1-D parameters (norms, embeddings' scales); true:
+    # decay every parameter, as ML-GCN's SGD and Query2Label's AdamW did
+    decay_norm_and_bias: bool = False
 
 
 @dataclass
@@ -203,6 +216,11 @@ class TrainConfig:
     retain_freed_memory: bool = True
     eval_every: int = 1
     max_steps_per_epoch: int | None = None
+    # which data picks the kept weights (best epoch, and the better of raw and EMA): `val`
+    # (the validation split, in the paper recipes the split results are reported on, as the
+    # papers' code did: optimistic) or `holdout` (the held-out part of train that
+    # data.calibration=holdout keeps for thresholds; val is then only reported)
+    select_on: str = "val"
 
 
 @dataclass
@@ -233,7 +251,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.name": ("adamw", "sgd"),
     "schedule.name": ("cosine", "onecycle", "constant"),
     "train.amp": ("auto", "off", "fp32", "bf16", "fp16"),
-    "data.crop": ("none", "multiscale"),
+    "data.crop": ("none", "multiscale", "square"),
+    "train.select_on": ("val", "holdout"),
     "data.calibration": ("holdout", "val", "none"),
 }
 
@@ -254,6 +273,39 @@ AT_LEAST_ONE: tuple[str, ...] = (
     "train.max_steps_per_epoch",
     "train.threads",
 )
+
+
+#: Keys ``mlic train --resume RUN key=value`` may change: the run's length and how it is
+#: shown or run -- nothing the saved weights, optimiser state, data or labels depend on.
+RESUME_OVERRIDES: tuple[str, ...] = (
+    "train.epochs",
+    "train.eval_every",
+    "train.threads",
+    "train.retain_freed_memory",
+    "data.workers",
+    "data.eval_batch_size",
+    "run.progress",
+    "run.tensorboard",
+)
+
+
+def check_resume_overrides(overrides: list[str], run_dir: str | Path) -> None:
+    """Refuse, by name, an override that a resumed run cannot honour (see ``RESUME_OVERRIDES``).
+
+    Call after :func:`load_config` has accepted the overrides, so that an unknown key gets
+    the usual unknown-key error first.
+    """
+    refused = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUME_OVERRIDES:
+            refused.append(key)
+    if refused:
+        raise ConfigError(
+            f"{', '.join(refused)}: cannot change when resuming {run_dir} (the run's model, data "
+            f"and optimiser are fixed); on --resume only {', '.join(RESUME_OVERRIDES)} may be "
+            "given -- start a new run (another run.name) to change the others"
+        )
 
 
 def _check(cfg: DictConfig) -> None:
@@ -298,6 +350,40 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"data.crop_scales={scales} must be fractions in (0, 1]")
     if cfg.data.crop_max_distort < 0:
         raise ConfigError(f"data.crop_max_distort={cfg.data.crop_max_distort} must be >= 0")
+    _check_protocol(cfg)
+
+
+def _check_protocol(cfg: DictConfig) -> None:
+    """Combinations of data and selection keys that would silently do something else."""
+    d = cfg.data
+    if d.resize is not None:
+        if not 16 <= d.resize <= 4096:
+            raise ConfigError(f"data.resize={d.resize} must be in [16, 4096] (or unset)")
+        if d.image_size is not None and d.resize < d.image_size:
+            raise ConfigError(
+                f"data.resize={d.resize} is smaller than data.image_size={d.image_size}: "
+                "the centre crop must fit in the warped image"
+            )
+    if d.crop == "square" and d.resize is None:
+        raise ConfigError(
+            "data.crop=square crops a data.resize x data.resize warp: set data.resize"
+        )
+    # the device decoder resizes whole images only: it can neither crop nor warp-then-crop
+    if d.gpu_decode and d.crop != "none":
+        raise ConfigError(
+            f"data.gpu_decode=true cannot do data.crop={d.crop} (the device path only resizes); "
+            "set data.crop=none or data.gpu_decode=false"
+        )
+    if d.gpu_decode and d.resize is not None:
+        raise ConfigError(
+            f"data.gpu_decode=true cannot do data.resize={d.resize} (warp, then centre crop); "
+            "unset data.resize or set data.gpu_decode=false"
+        )
+    if cfg.train.select_on == "holdout" and d.calibration != "holdout":
+        raise ConfigError(
+            f"train.select_on=holdout selects on the training images data.calibration=holdout "
+            f"keeps out, but data.calibration={d.calibration}"
+        )
 
 
 def _explain(e: OmegaConfBaseException, origin: str) -> ConfigError:
@@ -349,11 +435,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from e
-    for section, key in (("data", "image_check"), ("train", "amp")):
-        if cfg[section][key] in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
-            cfg[section][key] = "off"
-    _check(cfg)
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        except UnicodeError:  # a file name that is not UTF-8 (surrogate escapes)
+            raise ConfigError(
+                f"override {item!r}: not UTF-8 text; a config value cannot hold this file "
+                "name (rename the file or folder, or link to it under a UTF-8 name)"
+            ) from None
+    try:  # ${...} interpolations resolve here: a missing variable or key is one line too
+        for section, key in (("data", "image_check"), ("train", "amp")):
+            if cfg[section][key] in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+                cfg[section][key] = "off"
+        _check(cfg)
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except InterpolationResolutionError as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{origin}: cannot resolve {key!r} ({str(e).splitlines()[0]})") from e
+    except OmegaConfBaseException as e:
+        raise _explain(e, origin) from e
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

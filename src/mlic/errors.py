@@ -21,3 +21,7 @@ class CheckpointError(MlicError):
 
 class WriteError(MlicError):
     """A file mlic writes could not be written (disk full, permission); the previous one is kept."""
+
+
+class RunBusyError(MlicError):
+    """A run folder is being written by another mlic process (its lock is held)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,12 @@ from mlic.engine.checkpoint import load_checkpoint, update_metadata
 from mlic.engine.precision import resolve_precision
 from mlic.engine.trainer import evaluate, resolve_device, uint8_batch_to_device
 from mlic.errors import ConfigError
-from mlic.files import save_npy, savefig, write_text
+from mlic.files import RunLock, is_run_folder, refuse_run_file, save_npy, savefig, write_text
 from mlic.metrics import best_f1_thresholds, multilabel_metrics
 
 __all__ = ["evaluate_checkpoint", "resolve_target"]
+
+log = logging.getLogger("mlic")
 
 
 def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
@@ -42,6 +46,27 @@ def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
     return t, run_cfg if run_cfg.exists() else None
 
 
+def _output_folder(
+    target: str | Path, ckpt: Path, output: str | Path | None, split: str, hub: bool
+) -> Path:
+    """Where ``mlic eval`` writes: ``--output``, else beside the checkpoint (a Hub model:
+    the current folder, never the Hugging Face cache). A training run's folder as
+    ``--output`` gets the eval in its ``eval-<split>/`` subfolder, as by default: the run's
+    own ``report.md``, plots and metrics are never replaced."""
+    if output is None:
+        if hub:  # in the current folder, never inside the Hugging Face cache
+            return Path(f"eval-{str(target).rstrip('/').rsplit('/', 1)[-1]}-{split}")
+        return ckpt.parent / f"eval-{split}"
+    out = Path(output)
+    if is_run_folder(out):
+        out = out / f"eval-{split}"
+        log.info("%s is a training run's folder: the evaluation goes to %s", output, out)
+    refuse_run_file(out / "report.md", "--output")  # e.g. RUN/labels, RUN/report.md
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {output}: exists and is not a folder")
+    return out
+
+
 def evaluate_checkpoint(
     target: str | Path,
     overrides: list[str] | None = None,
@@ -57,21 +82,27 @@ def evaluate_checkpoint(
     ``precision``: ``auto``, ``fp32`` or ``bf16`` (see :mod:`mlic.engine.precision`); the
     choice and its reason are in the returned ``"precision"``.
     """
-    from mlic.hub import is_hub_id
+    from mlic.hub import check_downloaded_config, in_hub_cache, is_hub_id
 
-    hub = is_hub_id(target)
+    ckpt, run_cfg = resolve_target(target)
+    # from the Hub, by id or by a path into the Hugging Face cache: someone else's files
+    hub = is_hub_id(target) or in_hub_cache(ckpt)
     if hub and tune_thresholds:
         raise ConfigError(
             f"{target}: --tune-thresholds writes into the checkpoint; evaluate a local copy"
         )
-    ckpt, run_cfg = resolve_target(target)
     cfg = load_config(run_cfg, overrides)
+    if hub:  # a downloaded config's data locations are never used
+        check_downloaded_config(cfg.data, str(target), overrides)
+    out = _output_folder(target, ckpt, output, split, hub)  # before any work
     model, meta = load_checkpoint(ckpt)
     device = resolve_device(cfg.train.device)
     model.to(device)
     names = list(meta["label_names"])
     size = int(meta["input_size"][-1])
-    tf = build_transform(size, meta["mean"], meta["std"], train=False, normalize=False)
+    # data.resize (SSGRL's protocol): warp, then the centre crop, as the run evaluated
+    resize = cfg.data.resize
+    tf = build_transform(size, meta["mean"], meta["std"], False, normalize=False, resize=resize)
     batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
     images: list[Path] = []  # for the report's thumbnails; shards / HF sets have no files
     if cfg.data.format in STREAM_FORMATS:
@@ -97,22 +128,19 @@ def evaluate_checkpoint(
     if tune_thresholds:
         thresholds = best_f1_thresholds(scores, targets)
         thresholds_from = f"{cfg.data.format}:{split} (mlic eval --tune-thresholds)"
-        update_metadata(
-            ckpt,
-            thresholds=[round(float(t), 6) for t in thresholds],
-            thresholds_from=thresholds_from,
-        )
+        # a run's checkpoint is changed only while no training run writes that folder
+        lock = RunLock(ckpt.parent) if is_run_folder(ckpt.parent) else contextlib.nullcontext()
+        with lock:
+            update_metadata(
+                ckpt,
+                thresholds=[round(float(t), 6) for t in thresholds],
+                thresholds_from=thresholds_from,
+            )
         tuned = multilabel_metrics(scores, targets, threshold=thresholds)
         results = {**results, **{f"tuned_{k}": v for k, v in tuned.items() if k != "mAP"}}
     elif thresholds is not None:
         cal = multilabel_metrics(scores, targets, threshold=thresholds)
         results = {**results, **{f"cal_{k}": v for k, v in cal.items() if k != "mAP"}}
-    default = (
-        Path(f"eval-{str(target).rsplit('/', 1)[-1]}-{split}")
-        if hub
-        else ckpt.parent / f"eval-{split}"
-    )
-    out = Path(output) if output else default  # never inside the Hugging Face cache
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "checkpoint": str(ckpt),
@@ -129,6 +157,7 @@ def evaluate_checkpoint(
     from mlic.viz import write_report
 
     sections = report_sections(out, names, scores, targets, images, thresholds)
+    sections = _paper_section(meta["model"], cfg, results, size, split, model) + sections
     report = write_report(
         out, title=f"{meta['model']} evaluated on {cfg.data.format} {split}", names=names,
         scores=scores, targets=targets, per_class_ap=per_class, results=results,
@@ -138,6 +167,18 @@ def evaluate_checkpoint(
     )  # fmt: skip
     return {"metrics": results, "per_class_ap": per_class, "report": report, "output": out,
             "precision": chosen}  # fmt: skip
+
+
+def _paper_section(
+    name: str, cfg: Any, results: dict[str, Any], size: int, split: str, model: Any
+) -> list[str]:
+    """The model's published figure beside this evaluation, when it has one on this data."""
+    from mlic.config import to_dict
+    from mlic.models.papers import paper_comparison
+
+    split_name = cfg.data.train if split == "train" else cfg.data.val
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    return paper_comparison(name, to_dict(cfg), results, size, split_name, params_m)
 
 
 def _thumbnail_strip(items: list[tuple[Path, str]], path: Path, size: int = 160) -> Path | None:

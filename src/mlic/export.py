@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from mlic.errors import MlicError
-from mlic.files import atomic_write
+from mlic.files import atomic_write, refuse_run_file
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -177,6 +177,9 @@ def _metadata(model: nn.Module, meta: dict[str, Any], image_size: int) -> dict[s
     from mlic import __version__
 
     num_classes = len(meta.get("label_names", ())) or None
+    resize = meta.get("resize")  # data.resize, scaled with the input when exported at another size
+    if resize is not None:
+        resize = max(image_size, round(resize * image_size / meta["input_size"][-1]))
     out: dict[str, Any] = {
         "mlic_version": __version__,
         "mlic_model": meta.get("model", _model_name(model)),
@@ -185,6 +188,7 @@ def _metadata(model: nn.Module, meta: dict[str, Any], image_size: int) -> dict[s
         "input_size": [3, image_size, image_size],
         "mean": meta.get("mean"),
         "std": meta.get("std"),
+        "resize": resize,  # warp side before the centre crop
         "input": f"{INPUT_NAME}: float32 [B, 3, {image_size}, {image_size}], normalised with mean/std",
         "output": f"{OUTPUT_NAME}: float32 [B, C], sigmoid of the logits",
     }
@@ -470,10 +474,14 @@ def export_checkpoint(
 
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    model, meta = load_checkpoint(checkpoint)
-    size = int(image_size or meta.get("input_size", (3, 448, 448))[-1])
     if output is None:
         output = Path(checkpoint).with_suffix(SUFFIXES[format])
+    # never over the checkpoint itself or a file its training run owns (before any work)
+    refuse_run_file(output, "--output", inputs=(checkpoint,))
+    if Path(output).is_dir():
+        raise ExportError(f"--output {output}: is a folder; give the file to write")
+    model, meta = load_checkpoint(checkpoint)
+    size = int(image_size or meta.get("input_size", (3, 448, 448))[-1])
     return export_model(model, output, format, size, meta, opset, verify, batch_sizes, atol)
 
 

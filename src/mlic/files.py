@@ -15,9 +15,12 @@ is not a regular file and anything larger than a size bound, naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import logging
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -25,12 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from mlic.engine.faults import maybe_kill
-from mlic.errors import DataError, MlicError, WriteError
+from mlic.errors import ConfigError, DataError, MlicError, RunBusyError, WriteError
 
 __all__ = [
     "MAX_ANNOTATION_BYTES",
     "MAX_IMAGE_BYTES",
+    "RUN_FILES",
+    "RUN_LOCK",
+    "RunLock",
     "atomic_write",
+    "display_path",
+    "is_run_folder",
+    "location_problem",
+    "refuse_run_file",
     "read_regular_bytes",
     "read_regular_text",
     "require_regular_file",
@@ -125,8 +135,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` atomically; a non-UTF-8 file name in ``text``
+    (surrogate escapes) is written as ``\\udcNN`` rather than failing the write."""
+    return atomic_write(
+        path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
+    )
 
 
 def save_npy(path: str | Path, array: Any) -> Path:
@@ -237,3 +250,158 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- names and places
+def display_path(path: str | Path) -> str:
+    """``path`` as printable UTF-8 text: bytes of a file name that are not UTF-8 (kept by
+    Python as surrogate escapes) become ``\\xNN``, so a CSV, a JSON line or a terminal can
+    hold the name; UTF-8 names are unchanged."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def location_problem(value: str) -> str | None:
+    """Why ``value``, read from a file (a downloaded config, a shard index), may not be used
+    as a data location; None when it is a plain path relative to the folder it describes.
+
+    Such a file may only name places inside that folder: not a ``pipe:`` command, not a URL
+    (``s3://``, ``https://``, ``file:``), not an absolute or ``~`` path, no ``..`` component,
+    no brace pattern (it could expand to ``..``) and no control characters. Values the user
+    typed are not checked here: only they may point elsewhere.
+    """
+    text = str(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return "holds control characters"
+    if text.startswith("pipe:"):
+        return "is a pipe: command"
+    if "://" in text or _SCHEME.match(text):
+        return "is a URL"
+    if text.startswith(("/", "\\")):
+        return "is an absolute path"
+    if text.startswith("~"):
+        return "is a home-folder path"
+    if ".." in re.split(r"[/\\]", text):
+        return "leaves its folder (..)"
+    if "{" in text or "}" in text:
+        return "is a brace pattern"
+    return None
+
+
+#: What a training run writes in its folder (:mod:`mlic.engine.trainer`); no other
+#: command may write over these (``RUN_LOCK`` exists while a run holds the folder).
+RUN_LOCK = ".mlic.lock"
+RUN_FILES = frozenset(
+    {
+        *("config.yaml", "metrics.csv", "report.md", "bad_images.txt", "bad_samples.txt"),
+        *("best.safetensors", "last.resume.pt", "best_val_scores.npy", "val_targets.npy"),
+        *("per_class_ap.png", "pr_curves.png", "labels", "tb", RUN_LOCK),
+    }
+)
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a training run's folder (its ``config.yaml`` and run state)."""
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        return False
+    marks = ("best.safetensors", "last.resume.pt", "metrics.csv", "labels", RUN_LOCK)
+    return any((folder / m).exists() for m in marks)
+
+
+def refuse_run_file(path: str | Path, option: str, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Raise ConfigError when writing ``path`` (given as ``option``) would replace a file a
+    training run owns (``RUN_FILES`` in a run folder, or anything under its ``labels/``,
+    ``tb/``) or one of the command's own ``inputs``. Called before any work is done."""
+    target = Path(os.path.abspath(path))
+    resolved = target.resolve()
+    for where in {target, resolved}:
+        for folder in where.parents:
+            if is_run_folder(folder):
+                owned = where.relative_to(folder).parts[0]
+                if owned in RUN_FILES:
+                    raise ConfigError(
+                        f"{option} {display_path(path)}: would replace {owned} of the training "
+                        f"run in {display_path(folder)}; choose another file name"
+                    )
+                break
+    for given in inputs:
+        if Path(str(given)).exists() and resolved == Path(str(given)).resolve():
+            raise ConfigError(
+                f"{option} {display_path(path)}: is the command's own input; choose another file"
+            )
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``<folder>/.mlic.lock`` for as long as a run writes
+    the folder: a second process asking for it fails at once with one line naming the
+    folder and the holder's pid. The kernel drops the lock when the holder exits or
+    crashes, so a killed run never leaves the folder locked.
+
+    Folders made for the lock are removed again on release if the run left nothing in them
+    (a run refused at start-up leaves no trace). The lock file itself is removed by its
+    holder while still held; a process that opened the old file and locked it afterwards
+    sees that the path now names another file (or none) and tries again.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / RUN_LOCK
+        self._fd: int | None = None
+        self._made: list[Path] = []
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks, run unlocked
+            return self
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(f"{display_path(self.folder)}: exists and is not a folder")
+        missing = [p for p in [self.folder, *self.folder.parents] if not p.exists()]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._made = missing  # deepest first
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise RunBusyError(
+                    f"{display_path(self.folder)}: another mlic process (pid {holder}) is writing "
+                    "this run folder; wait for it to finish or choose another run.name"
+                ) from None
+            except OSError as e:  # a file system without locks (some network mounts)
+                os.close(fd)
+                logging.getLogger("mlic").warning("%s: cannot lock (%s)", self.path, e.strerror)
+                return self
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._fd = fd
+                return self
+            os.close(fd)  # the holder removed that file as we locked it: lock the new one
+        raise RunBusyError(f"{display_path(self.folder)}: could not lock the run folder")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self._fd)
+            self._fd = None
+        for folder in self._made:  # only folders this lock made, and only if left empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self._made = []
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -69,7 +69,7 @@ class Predictor:
         self.names: list[str] = list(metadata["label_names"])
         self.image_size = int(metadata["input_size"][-1])
         self.transform = build_transform(
-            self.image_size, metadata["mean"], metadata["std"], train=False
+            self.image_size, metadata["mean"], metadata["std"], False, resize=metadata.get("resize")
         )
         stored = metadata.get("thresholds")
         self.thresholds = np.asarray(stored, dtype=np.float32) if stored is not None else None
@@ -226,7 +226,7 @@ class OnnxPredictor(Predictor):
         self.names = list(metadata["label_names"])
         self.image_size = int(metadata["input_size"][-1])
         self.transform = build_transform(
-            self.image_size, metadata["mean"], metadata["std"], train=False
+            self.image_size, metadata["mean"], metadata["std"], False, resize=metadata.get("resize")
         )
         stored = metadata.get("thresholds")
         self.thresholds = np.asarray(stored, dtype=np.float32) if stored is not None else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from mlic.data.transforms import load_image
 from mlic.errors import DataError
-from mlic.files import atomic_write
+from mlic.files import atomic_write, display_path
 from mlic.inference import Prediction, Predictor
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "run_predict", "write_heatmaps", "PredictSummary"]
@@ -49,22 +48,20 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return paths, problems
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "label"
-
-
 def write_heatmaps(pred: Prediction, out_dir: Path, stem: str) -> list[Path]:
     """Overlay PNG per predicted label + one labelled grid image for ``pred`` (needs image + attention)."""
-    from mlic.viz import heatmap_grid, overlay_heatmap
+    from mlic.viz import heatmap_grid, label_file_names, overlay_heatmap
 
     if pred.image is None or pred.attention is None:
         raise ValueError("prediction has no image or attention maps")
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {n: i for i, n in enumerate(pred.scores)}
+    # one distinct file per label, whatever the labels' accents, scripts or case
+    parts = label_file_names(list(pred.scores), reserved=["grid"])
     written, overlays, titles = [], [], []
     for name in pred.labels:
         ov = overlay_heatmap(pred.image, pred.attention[index[name]])
-        path = out_dir / f"{stem}__{_safe_name(name)}.png"
+        path = out_dir / f"{stem}__{parts[name]}.png"
         atomic_write(path, lambda tmp, im=ov: im.save(tmp, format="PNG"))
         written.append(path)
         overlays.append(ov)
@@ -111,9 +108,10 @@ def run_predict(
         for (path, _), pred in zip(batch, preds, strict=True):
             pred.source = str(path)
             if heatmaps is not None:
-                write_heatmaps(
-                    pred, heatmaps, f"{len(summary.predictions):05d}_{_safe_name(path.stem)}"
-                )
+                from mlic.viz import file_slug
+
+                stem = f"{len(summary.predictions):05d}_{file_slug(path.stem, max_chars=80)}"
+                write_heatmaps(pred, heatmaps, stem)
                 pred.image = None  # do not keep every decoded image in memory
                 pred.attention = None
             summary.predictions.append(pred)
@@ -141,17 +139,19 @@ def write_predictions(preds: list[Prediction], names: list[str], output: Path) -
         raise DataError(f"{output}: output must end in .csv or .jsonl")
 
     def write(tmp: Path) -> None:
+        # file names that are not UTF-8 are written with \\xNN escapes: the file stays UTF-8
         if output.suffix == ".jsonl":
-            with tmp.open("w") as f:
+            with tmp.open("w", encoding="utf-8") as f:
                 for p in preds:
-                    row = {"image": p.source, "labels": p.labels, "scores": p.scores}
+                    row = {"image": display_path(p.source), "labels": p.labels, "scores": p.scores}
                     f.write(json.dumps(row) + "\n")
             return
-        with tmp.open("w", newline="") as f:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["image", "labels", *names])
             for p in preds:
-                w.writerow([p.source, ";".join(p.labels), *(f"{p.scores[n]:.6f}" for n in names)])
+                scores = (f"{p.scores[n]:.6f}" for n in names)
+                w.writerow([display_path(p.source), ";".join(p.labels), *scores])
 
     atomic_write(output, write)
 
@@ -162,7 +162,11 @@ def format_table(preds: list[Prediction], max_scores: int = 3) -> str:
     for p in preds:
         top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:max_scores]
         rows.append(
-            (p.source, ", ".join(p.labels) or "-", "  ".join(f"{n} {v:.2f}" for n, v in top))
+            (
+                display_path(p.source),
+                ", ".join(p.labels) or "-",
+                "  ".join(f"{n} {v:.2f}" for n, v in top),
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows)

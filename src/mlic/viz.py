@@ -6,6 +6,9 @@ reports are made on headless machines.
 
 from __future__ import annotations
 
+import hashlib
+import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ __all__ = [
     "write_report",
     "overlay_heatmap",
     "heatmap_grid",
+    "file_slug",
+    "label_file_names",
 ]
 
 METRIC_KEYS = ["mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"]
@@ -233,3 +238,45 @@ def heatmap_grid(
     savefig(fig, path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- file names
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def file_slug(text: str, max_chars: int = 60) -> str:
+    """A readable ASCII file-name part for ``text``: accents dropped (``café`` -> ``cafe``),
+    anything else outside ``[A-Za-z0-9_.-]`` -> ``_``, at most ``max_chars``; when that
+    changed ``text`` at all, ``-`` and a short hash of the exact text follow, so that two
+    different texts never get the same slug (``ca fe`` -> ``ca_fe-1a2b3c4d``, ``ca_fe`` stays)."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = _UNSAFE.sub("_", ascii_text).strip("_.")[:max_chars].rstrip("_.")
+    if slug == text and slug:
+        return slug
+    return f"{slug or 'label'}-{_short_hash(text)}"
+
+
+def label_file_names(names: Sequence[str], reserved: Sequence[str] = ()) -> dict[str, str]:
+    """A file-name part per label, distinct even on case-insensitive file systems.
+
+    Each label gets :func:`file_slug`; a slug that another label (or a ``reserved`` part
+    such as ``grid``) shares when case is ignored gets the hash suffix as well, so
+    ``cafe``/``Cafe``/``café``/``ca fe``/``ca_fe``/``猫``/``犬``/``🐱`` give eight files.
+    """
+    slugs = {n: file_slug(n) for n in names}
+    reserved_lower = {r.lower() for r in reserved}
+    taken = [s.lower() for s in slugs.values()] + sorted(reserved_lower)
+    out = {}
+    for name, slug in slugs.items():
+        if taken.count(slug.lower()) > 1 and slug == name:
+            slug = f"{slug}-{_short_hash(name)}"
+        out[name] = slug
+    final = {v.lower() for v in out.values()}
+    if len(final) < len(out) or final & reserved_lower:
+        # a label spelled exactly like another one's hashed slug: number them all
+        out = {n: f"{i:04d}-{v}" for i, (n, v) in enumerate(out.items())}
+    return out

@@ -22,19 +22,23 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from mlic.errors import DataError
+from mlic.errors import ConfigError, DataError
 from mlic.files import MAX_IMAGE_BYTES, read_regular_bytes, require_regular_file
 
 __all__ = [
+    "IMAGE_FORMATS",
     "MAX_IMAGE_PIXELS",
     "apply_seeded",
     "MultiScaleCrop",
+    "RandomSquareCrop",
+    "config_transforms",
     "ToNormalizedFloat",
     "build_transform",
     "decode_image",
@@ -51,6 +55,11 @@ __all__ = [
 MAX_IMAGE_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 _EXIF_ORIENTATION = 0x0112
+
+# The only formats PIL may open (every ``Image.open`` here passes them): the photo formats
+# mlic reads, all decoded inside Pillow. Without the list PIL tries every plugin, and some
+# hand the file to an external program (EPS/PS -> Ghostscript). Camera MPO files open as JPEG.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 
 try:  # libjpeg-turbo with DCT scaling, straight to numpy; PIL is the fallback
     import simplejpeg as _simplejpeg
@@ -81,7 +90,7 @@ def _as_data_error(path: Path, e: BaseException) -> DataError:
         return DataError(f"{path}: image too large ({e})")
     if isinstance(e, UnidentifiedImageError):
         size = path.stat().st_size if path.exists() else -1
-        what = "empty file (0 bytes)" if size == 0 else "not an image file PIL can identify"
+        what = "empty file (0 bytes)" if size == 0 else "not an image file in an accepted format"
         return DataError(f"{path}: cannot read image: {what}")
     return DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})")
 
@@ -120,7 +129,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     size = require_regular_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             _check_size(path, img)
             _check_complete(path, img.format, size)
             return img.size
@@ -162,7 +171,7 @@ def _draft_reduction(width: int, height: int, draft_size: int) -> int:
 
 
 def _open(path: Path, data: bytes | None) -> Image.Image:
-    return Image.open(io.BytesIO(data) if data is not None else path)
+    return Image.open(io.BytesIO(data) if data is not None else path, formats=IMAGE_FORMATS)
 
 
 def load_image(
@@ -206,7 +215,7 @@ def _decode_jpeg_turbo(path: Path, data: bytes, draft_size: int | None) -> torch
     if _simplejpeg is None:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:  # header only
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:  # header only
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return None
             _check_size(path, img)
@@ -287,7 +296,7 @@ def device_decodable_jpeg(data: bytes, draft_size: int | None = None) -> bool:
     if b"\xff\xd9" not in data[-_JPEG_TAIL:]:
         return False
     try:
-        with Image.open(io.BytesIO(data)) as img:  # header only
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:  # header only
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return False
             w, h = img.size
@@ -370,6 +379,40 @@ class MultiScaleCrop(torch.nn.Module):
         )
 
 
+class RandomSquareCrop(torch.nn.Module):
+    """SSGRL's training crop: warp to ``resize`` x ``resize``, take a square of side
+    ``scale x resize`` (one of ``scales``, uniformly) at a uniformly random position, resize
+    it to S x S.
+
+    The official code's ``Resize((640, 640))``, ``RandomChoice`` of ``RandomCrop(640 / 576 /
+    512 / 384 / 320)`` and ``Resize((576, 576))``: two resamplings, as there. Randomness from
+    torch's global RNG (seeded per sample by the data set). uint8 tensors [3, H, W].
+    """
+
+    def __init__(self, size: int, resize: int, scales: Sequence[float]) -> None:
+        super().__init__()
+        if not scales:
+            raise ValueError("RandomSquareCrop needs at least one scale")
+        self.size = int(size)
+        self.resize = int(resize)
+        self.sides = [max(1, min(self.resize, round(self.resize * float(x)))) for x in scales]
+
+    def crop_box(self) -> tuple[int, int, int]:
+        """A random ``(top, left, side)`` inside the ``resize`` x ``resize`` warp."""
+        side = self.sides[int(torch.randint(len(self.sides), ()))]
+        top = int(torch.randint(self.resize - side + 1, ()))
+        left = int(torch.randint(self.resize - side + 1, ()))
+        return top, left, side
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        # img: [3, H, W] uint8 -> [3, S, S] uint8
+        warped = v2.functional.resize(img, [self.resize, self.resize], antialias=True)
+        top, left, side = self.crop_box()
+        return v2.functional.resized_crop(
+            warped, top, left, side, side, [self.size, self.size], antialias=True
+        )
+
+
 def apply_seeded(
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
     img: torch.Tensor,
@@ -406,6 +449,7 @@ def build_transform(
     crop: str = "none",
     crop_scales: Sequence[float] = (1.0, 0.875, 0.75, 0.66, 0.5),
     crop_max_distort: int = 2,
+    resize: int | None = None,
 ) -> v2.Compose:
     """PIL RGB image or uint8 tensor [3, H, W] -> normalised float tensor [3, S, S].
 
@@ -416,15 +460,26 @@ def build_transform(
     hand the training process 4x fewer bytes (measured: 2,100 vs 7,300 img/s through a bare
     one-worker DataLoader at 224 px), and :class:`ToNormalizedFloat` runs on the batch on
     the training device. ``crop="multiscale"`` (training only) replaces the resize by
-    :class:`MultiScaleCrop` (ML-GCN's crop + resize).
+    :class:`MultiScaleCrop` (ML-GCN's crop + resize). ``resize`` (SSGRL's protocol): eval
+    warps to ``resize`` x ``resize`` and takes the centre S x S crop; ``crop="square"``
+    (training, needs ``resize``) is :class:`RandomSquareCrop`.
     """
+    if crop not in ("none", "multiscale", "square"):
+        raise ValueError(f"crop={crop!r}: choose 'none', 'multiscale' or 'square'")
+    if (crop == "square" or resize is not None) and (resize is None or resize < image_size):
+        raise ConfigError(
+            f"data.resize={resize}: crop={crop} needs it set, at least the image size "
+            f"{image_size} (data.image_size or the model's default)"
+        )
     ops: list[torch.nn.Module] = [v2.PILToTensor()]  # [3, H, W] uint8
     if train and crop == "multiscale":
         ops.append(MultiScaleCrop(image_size, crop_scales, crop_max_distort))
-    elif crop in ("none", "multiscale"):
-        ops.append(v2.Resize((image_size, image_size), antialias=True))
+    elif train and crop == "square":
+        ops.append(RandomSquareCrop(image_size, resize, crop_scales))
+    elif not train and resize is not None:  # warp, then the centre S x S
+        ops += [v2.Resize((resize, resize), antialias=True), v2.CenterCrop(image_size)]
     else:
-        raise ValueError(f"crop={crop!r}: choose 'none' or 'multiscale'")
+        ops.append(v2.Resize((image_size, image_size), antialias=True))
     if train:
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
@@ -436,3 +491,17 @@ def build_transform(
     if normalize:
         ops.append(ToNormalizedFloat(mean, std))
     return v2.Compose(ops)
+
+
+def config_transforms(
+    data: Any, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[v2.Compose, v2.Compose]:
+    """``(train, eval)`` uint8 transforms (``normalize=False``) for a ``data`` config section
+    (:class:`~mlic.config.DataConfig`): augmentation, crop and the resize protocol in one place.
+    A ``data.resize`` smaller than the image size is a ConfigError naming it."""
+    d = data
+    augment = (d.randaugment, d.randaugment_magnitude, d.random_erasing, d.hflip)
+    crop = {"crop": d.crop, "crop_scales": d.crop_scales, "crop_max_distort": d.crop_max_distort}
+    train = build_transform(image_size, mean, std, True, *augment, False, resize=d.resize, **crop)
+    evaluation = build_transform(image_size, mean, std, False, normalize=False, resize=d.resize)
+    return train, evaluation

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from mlic.errors import CheckpointError
-from mlic.files import atomic_write, require_regular_file
+from mlic.files import atomic_write, display_path, require_regular_file
 
 __all__ = [
     "atomic_write",
@@ -104,6 +104,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded metadata of an mlic safetensors checkpoint (no tensors loaded)."""
     path = Path(path)
     require_regular_file(path, "checkpoint", error=CheckpointError)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # a name from another system (surrogate escapes)
+        raise CheckpointError(
+            f"{display_path(path)}: the file name is not UTF-8, which safetensors cannot open; "
+            "rename the file or link to it under a UTF-8 name"
+        ) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -194,6 +201,16 @@ def validate_metadata(meta: dict[str, Any], where: str, label_count: bool = True
         raise bad(
             "input_size",
             f"must be [3, H, W] with H, W in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}], got {size!r:.60}",
+        )
+    resize = meta.get("resize")  # data.resize: warp to this side, then the centre crop
+    if resize is not None and (
+        not isinstance(resize, int)
+        or isinstance(resize, bool)
+        or not max(size[1:]) <= resize <= MAX_INPUT_SIZE
+    ):
+        raise bad(
+            "resize",
+            f"must be an integer in [{max(size[1:])}, {MAX_INPUT_SIZE}], got {resize!r:.60}",
         )
     for key, positive in (("mean", False), ("std", True)):
         v = meta.get(key, [0.5, 0.5, 0.5])

@@ -16,10 +16,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from mlic.config import Config, load_config, save_config
+from mlic.config import Config, check_resume_overrides, load_config, save_config
 from mlic.data import Annotations
 from mlic.data.dataset import (
     MultiLabelDataset,
@@ -41,8 +43,13 @@ from mlic.data.dataset import (
     load_split,
 )
 from mlic.data.labels import LabelSet
-from mlic.data.sources import STREAM_FORMATS, build_source_loaders, open_sources
-from mlic.data.transforms import ToNormalizedFloat, build_transform
+from mlic.data.sources import (
+    STREAM_FORMATS,
+    build_source_loaders,
+    open_sources,
+    stream_signature,
+)
+from mlic.data.transforms import ToNormalizedFloat, config_transforms
 from mlic.engine import distributed as dist_utils
 from mlic.engine.calibration import calibrated_metrics, split_calibration, stream_calibration
 from mlic.engine.checkpoint import (
@@ -58,7 +65,7 @@ from mlic.engine.host import retain_freed_memory
 from mlic.engine.precision import Precision, resolve_precision
 from mlic.engine.precision import autocast as precision_autocast
 from mlic.errors import CheckpointError, ConfigError, DataError, MlicError
-from mlic.files import atomic_write, save_npy, write_text
+from mlic.files import RUN_LOCK, RunLock, atomic_write, save_npy, write_text
 from mlic.losses import loss_from_config
 from mlic.metrics import MultiLabelMetrics, average_precision_per_class, multilabel_metrics
 from mlic.models.registry import create_model
@@ -84,7 +91,12 @@ class EvalInterrupted(Exception):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):  # "tpu", "gpu0": one line, not torch's traceback
+        raise ConfigError(
+            f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but no CUDA device is available")
     return dev
@@ -197,7 +209,7 @@ def build_labels(train_ann: Annotations | LabelSet, word_vectors: str) -> LabelS
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
     if hasattr(model, "param_groups"):
-        groups = model.param_groups(o.lr, o.backbone_lr_mult, o.weight_decay)
+        groups = model.param_groups(o.lr, o.backbone_lr_mult, o.weight_decay, o.decay_norm_and_bias)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     # the fused kernels (CUDA, and CPU since torch 2.4): one vectorised pass over each
@@ -300,12 +312,17 @@ class _RunState:
     epoch: int = 0  # epoch in progress
     consumed: int = 0  # global samples consumed in this epoch
     step: int = 0  # optimiser steps done
-    best_map: float = -1.0
+    best_map: float = -1.0  # val mAP of the kept weights
     best_epoch: int = -1
+    best_score: float = -1.0  # what train.select_on compares: val or holdout mAP
     loss_sum: float = 0.0
     loss_count: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # images skipped mid-run (skip_bad_images)
+
+    def __post_init__(self) -> None:
+        if self.best_score < 0 <= self.best_map:  # a resume state from before select_on
+            self.best_score = self.best_map  # such runs selected on val mAP
 
 
 class _StopFlag:
@@ -394,7 +411,7 @@ def _check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
         return
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a folder; choose another run.name")
-    if not any(run_dir.iterdir()):
+    if not any(p.name != RUN_LOCK for p in run_dir.iterdir()):  # empty but for a lock
         return
     if overwrite:
         if not (run_dir / "config.yaml").exists():  # never empty a folder that is not a run
@@ -419,6 +436,8 @@ def _prepare_run_dir(
     if fresh and cfg.run.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
         log.warning("%s: replacing the previous run (run.overwrite=true)", run_dir)
         for item in run_dir.iterdir():
+            if item.name == RUN_LOCK:  # ours, held for this run
+                continue
             if item.is_dir() and not item.is_symlink():
                 shutil.rmtree(item)
             else:
@@ -548,7 +567,9 @@ def _evaluate_candidate(
     elif calib_loader is not None:
         _, _, calib_scores, calib_targets = evaluate(module, calib_loader, **ev)
         thresholds, cal = calibrated_metrics(calib_scores, calib_targets, scores, targets)
-        res = {**res, **cal}
+        # the held-out training images' mAP: what train.select_on=holdout selects on
+        held = float(multilabel_metrics(calib_scores, calib_targets)["mAP"])
+        res = {**res, **cal, "holdout_mAP": held}
     return _Candidate(name, module, res, scores, targets, thresholds)
 
 
@@ -557,33 +578,102 @@ def train(
     cfg: Config | None,
     resume: str | Path | None = None,
     stop_after_steps: int | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train per ``cfg``; returns ``{"best_mAP", "best_epoch", "run_dir", "history"}``.
 
     ``resume``: a run folder (or its ``last.resume.pt``) to continue with the run's saved
-    config (``cfg`` may then be None). ``stop_after_steps`` simulates an
-    interruption after that many optimiser steps (tests).
+    config (``cfg`` may then be None); ``overrides``: ``key=value`` changes to that config,
+    only keys in :data:`mlic.config.RESUME_OVERRIDES` (``train.epochs=5`` extends the run),
+    any other refused by name. ``stop_after_steps`` simulates an interruption after that
+    many optimiser steps (tests).
+
+    The run folder is locked (:class:`mlic.files.RunLock`) for the whole run: a second
+    process training or resuming the same folder fails at once.
     """
-    resume_state = None
     if resume is not None:
         rpath = Path(resume)
         if not rpath.exists():
             raise ConfigError(f"{rpath}: no such run folder or resume state to resume")
-        if rpath.is_dir():
-            run_dir = rpath
-            rpath = rpath / "last.resume.pt"
-        else:
-            run_dir = rpath.parent
-        cfg = load_config(run_dir / "config.yaml")
-        if rpath.exists() or not (run_dir / "config.yaml").exists():
-            resume_state = load_resume(rpath)
-        else:  # killed before its first resume point: start again with the saved config
-            log.warning("%s: no resume state yet; starting the run from the beginning", run_dir)
-    if cfg is None:
+        run_dir = rpath if rpath.is_dir() else rpath.parent
+    elif cfg is None:
         raise ConfigError("train() needs a config or a resume folder")
-    if resume is None:
+    else:
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        _check_run_dir_free(run_dir, cfg.run.overwrite)  # before anything is read or written
+    # rank 0 holds the lock for a distributed run (the others write nothing there)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(run_dir) if main_rank else contextlib.nullcontext():
+        if resume is None:  # before anything is read or written
+            _check_run_dir_free(run_dir, cfg.run.overwrite)  # type: ignore[union-attr]
+        return _train_locked(cfg, run_dir, resume, stop_after_steps, overrides)
+
+
+def _load_resume_point(
+    run_dir: Path, rpath: Path, overrides: list[str] | None
+) -> tuple[Config, dict[str, Any] | None, bool]:
+    """The run's saved config with the allowed ``overrides``, its resume state (None when
+    the run was killed before its first resume point) and whether ``train.epochs`` changed."""
+    saved = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides) if overrides else saved
+    check_resume_overrides(overrides or [], run_dir)
+    if not rpath.exists():  # killed before its first resume point: start again
+        log.warning("%s: no resume state yet; starting the run from the beginning", run_dir)
+        return cfg, None, False
+    resume_state = load_resume(rpath)
+    run = resume_state.get("run") if isinstance(resume_state, dict) else None
+    if not isinstance(run, dict):
+        raise CheckpointError(
+            f"{rpath}: resume state has no run progress; not an mlic resume state"
+        )
+    epoch, consumed = int(run.get("epoch", 0)), int(run.get("consumed", 0))
+    needed = epoch + (1 if consumed else 0)  # epochs the run has trained in, whole or part
+    if cfg.train.epochs < needed:
+        raise ConfigError(
+            f"train.epochs={cfg.train.epochs}: the run in {run_dir} has already trained "
+            f"{needed} epoch(s); give train.epochs >= {needed}"
+        )
+    return cfg, resume_state, cfg.train.epochs != saved.train.epochs
+
+
+def _extended_schedule(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    device: torch.device,
+    steps_per_epoch: int,
+    step: int,
+) -> Any:
+    """The LR schedule of a run whose ``train.epochs`` changed on resume: built for the new
+    length and advanced to ``step``, as if the run had been set up so from the start (the
+    rate may jump at the resume point; the steps already taken stay as they were)."""
+    base = [g["lr"] for g in build_optimizer(model, cfg, device).param_groups]  # configured
+    for group, lr in zip(optimizer.param_groups, base, strict=True):
+        group["lr"] = lr
+        for key in ("initial_lr", "max_lr", "min_lr"):  # set again by the new schedule
+            group.pop(key, None)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no training
+        warnings.simplefilter("ignore")
+        for _ in range(step):
+            scheduler.step()
+    return scheduler
+
+
+def _train_locked(
+    cfg: Config | None,
+    run_dir: Path,
+    resume: str | Path | None,
+    stop_after_steps: int | None,
+    overrides: list[str] | None,
+) -> dict[str, Any]:
+    """:func:`train` once the run folder is locked."""
+    resume_state = None
+    extend = False  # train.epochs changed on resume
+    if resume is not None:
+        rpath = Path(resume)
+        rpath = rpath / "last.resume.pt" if rpath.is_dir() else rpath
+        cfg, resume_state, extend = _load_resume_point(run_dir, rpath, overrides)
+    assert cfg is not None
 
     device = resolve_device(cfg.train.device)
     dist = dist_utils.init_distributed(device)
@@ -606,6 +696,7 @@ def train(
         labels = build_labels(sources[0].label_set(), cfg.model.word_vectors)
         calibration = stream_calibration(cfg.data.calibration)
         signature = _run_signature(cfg, labels, None, None)
+        signature.update(stream_signature(*sources))  # re-packed/relabelled data: no resume
     else:
         train_ann = load_split(cfg.data, "train")
         val_ann = load_split(cfg.data, "val", class_names=train_ann.names)
@@ -622,6 +713,11 @@ def train(
         )
         labels = build_labels(train_ann, cfg.model.word_vectors)
         signature = _run_signature(cfg, labels, whole_train, val_ann)
+    if cfg.train.select_on == "holdout" and calibration.holdout is None:
+        raise ConfigError(
+            f"train.select_on=holdout needs held-out training images; data.format="
+            f"{cfg.data.format} streams its splits and cannot hold images out"
+        )
     log.info("decision thresholds calibrated on %s", calibration.source)
     precision = resolve_precision(cfg.train.amp, device)
     log.info("precision: %s", precision)
@@ -661,11 +757,7 @@ def train(
     # --- loaders
     d = cfg.data
     # uint8 batches from the workers (4x fewer bytes), normalised on the training device
-    train_tf = build_transform(size, dcfg["mean"], dcfg["std"], True, d.randaugment,
-                               d.randaugment_magnitude, d.random_erasing, d.hflip,
-                               normalize=False, crop=d.crop, crop_scales=d.crop_scales,
-                               crop_max_distort=d.crop_max_distort)  # fmt: skip
-    eval_tf = build_transform(size, dcfg["mean"], dcfg["std"], False, normalize=False)
+    train_tf, eval_tf = config_transforms(d, size, dcfg["mean"], dcfg["std"])
     raw = d.gpu_decode  # encoded files to the device, decoded there a batch at a time
     skip = d.skip_bad_images  # a file that breaks mid-run is skipped and counted, not fatal
     norm = (dcfg["mean"], dcfg["std"])
@@ -728,7 +820,13 @@ def train(
     if resume_state is not None:
         load_state_strict(model, resume_state["model"], "resume state")
         optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
+        if extend:  # train.epochs changed: the schedule follows the new length
+            done_steps = int(resume_state["run"].get("step", 0))
+            scheduler = _extended_schedule(
+                model, optimizer, cfg, device, steps_per_epoch, done_steps
+            )
+        else:
+            scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
         if ema is not None:
             load_state_strict(ema.module, resume_state["ema"], "resume state (EMA)")
@@ -781,6 +879,9 @@ def train(
             "epoch": state.epoch,
             "weights": source,
             "dataset": cfg.data.format,
+            "selected_on": cfg.train.select_on,
+            # predict, serve and export warp and crop as the run evaluated (SSGRL's protocol)
+            **({"resize": cfg.data.resize} if cfg.data.resize is not None else {}),
         }
 
     global_batch = d.batch_size * dist.world_size
@@ -910,9 +1011,12 @@ def train(
                     ema_res,
                 )
                 state.history.append(row)
-                best = max(candidates, key=lambda c: c.results["mAP"])
-                improved = best.results["mAP"] > state.best_map
+                # train.select_on: the val split, or held-out training images (val unused)
+                key = "holdout_mAP" if cfg.train.select_on == "holdout" else "mAP"
+                best = max(candidates, key=lambda c: c.results[key])
+                improved = best.results[key] > state.best_score
                 if improved:
+                    state.best_score = float(best.results[key])
                     state.best_map = float(best.results["mAP"])
                     state.best_epoch = epoch + 1
                 if dist.is_main:
