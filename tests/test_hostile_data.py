@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_BACKBONE, make_voc
+from conftest import TINY_BACKBONE, make_coco, make_voc
 from mlic.cli import main as cli_main
 from mlic.data import Annotations
 from mlic.data import wds as wds_mod
@@ -752,3 +752,56 @@ def test_hf_image_paths_stay_inside_the_dataset_folder(
     with pytest.raises(DataError, match=r"fifo\.jpg: is a FIFO"):
         no_hang(ds.__getitem__, 6)
     assert stat.S_ISFIFO(os.stat(root / "images" / "fifo.jpg").st_mode)
+
+
+ESCAPING_NAMES = ["/etc/passwd", "../outside.jpg", "img/../../outside.jpg", "~/x.jpg",
+                  "pipe:touch x", "https://example.com/a.jpg", "a\nb.jpg"]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["csv", "coco", "voc"])
+@pytest.mark.parametrize("name", ESCAPING_NAMES)
+def test_annotation_rows_name_only_files_inside_their_folder(
+    tmp_path: Path, fmt: str, name: str
+) -> None:
+    """An image path read from an annotation row never leaves the image folder: an absolute,
+    ``~``, ``..``, URL or ``pipe:`` name is an error naming the file and the row."""
+    import csv as _csv
+    import xml.sax.saxutils
+
+    from mlic.data.coco import load_coco
+    from mlic.data.csv import load_csv
+    from mlic.data.voc import load_voc
+
+    if fmt == "csv":
+        path = tmp_path / "train.csv"
+        with path.open("w", newline="") as f:
+            _csv.writer(f).writerows([["image", "labels"], ["ok.jpg", "cat"], [name, "dog"]])
+        load = lambda: load_csv(path, tmp_path)  # noqa: E731
+        where = f"{path}:3"
+    elif fmt == "coco":
+        path, img_dir = make_coco(tmp_path, [(1, "cat"), (2, "dog")], [[1], [2]])
+        data = json.loads(path.read_text())
+        data["images"][1]["file_name"] = name
+        path.write_text(json.dumps(data))
+        load = lambda: load_coco(path, img_dir)  # noqa: E731
+        where = "images[1].file_name"
+    else:
+        voc = make_voc(tmp_path, {"train": [[("cat", 0)], [("dog", 0)]]})
+        xml_path = voc / "Annotations" / "000001.xml"
+        escaped = xml.sax.saxutils.escape(name)
+        xml_path.write_text(xml_path.read_text().replace("000001.jpg", escaped))
+        load = lambda: load_voc(voc, "train")  # noqa: E731
+        where = "000001.xml: <filename>"
+    newline_in_csv = fmt == "csv" and "\n" in name  # refused earlier, as a broken CSV row
+    with pytest.raises(DataError, match="unbalanced" if newline_in_csv else "stay inside it") as e:
+        load()
+    assert where in str(e.value)
+
+
+def test_relative_names_in_sub_folders_are_kept(tmp_path: Path) -> None:
+    from mlic.data.csv import load_csv
+
+    path = tmp_path / "train.csv"
+    path.write_text("image,labels\nsub/a.jpg,cat\n./b.jpg,dog\n")
+    ann = load_csv(path, tmp_path / "photos")
+    assert ann.images == [tmp_path / "photos" / "sub/a.jpg", tmp_path / "photos" / "b.jpg"]

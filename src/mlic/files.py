@@ -40,6 +40,7 @@ __all__ = [
     "display_path",
     "is_run_folder",
     "location_problem",
+    "path_inside",
     "refuse_run_file",
     "read_regular_bytes",
     "read_regular_text",
@@ -263,7 +264,7 @@ def display_path(path: str | Path) -> str:
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-def location_problem(value: str) -> str | None:
+def location_problem(value: str, patterns: bool = True) -> str | None:
     """Why ``value``, read from a file (a downloaded config, a shard index), may not be used
     as a data location; None when it is a plain path relative to the folder it describes.
 
@@ -285,9 +286,24 @@ def location_problem(value: str) -> str | None:
         return "is a home-folder path"
     if ".." in re.split(r"[/\\]", text):
         return "leaves its folder (..)"
-    if "{" in text or "}" in text:
+    if patterns and ("{" in text or "}" in text):
         return "is a brace pattern"
     return None
+
+
+def path_inside(folder: str | Path, name: str, where: str) -> Path:
+    """``folder / name`` for a file name read from an annotation row (CSV, COCO's
+    ``file_name``, VOC's ``<filename>``, a list file), refusing a name that would leave the
+    folder (absolute, ``~``, ``..``, a URL or ``pipe:``): a data file names only files inside
+    the folder it describes. ``where`` names the file and line or key for the error."""
+    problem = location_problem(name, patterns=False)  # braces are never expanded here
+    if problem:
+        raise DataError(
+            f"{where}: image {name[:120]!r} {problem}; image paths in annotations are "
+            f"relative to {display_path(folder)} and stay inside it (point data.root, "
+            "data.train_images or data.val_images at the folder that holds them)"
+        )
+    return Path(folder) / name
 
 
 #: What a training run writes in its folder (:mod:`mlic.engine.trainer`); no other

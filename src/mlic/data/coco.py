@@ -13,6 +13,7 @@ import numpy as np
 from mlic.data import Annotations, read_json
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
+from mlic.files import path_inside
 
 __all__ = ["load_coco"]
 
@@ -62,7 +63,7 @@ def load_coco(annotation_json: str | Path, image_dir: str | Path) -> Annotations
             raise DataError(f"{where}: duplicate image id {iid}")
         row_of[iid] = len(images)
         file_name = str(_require(img, "file_name", where))
-        images.append(image_dir / file_name)
+        images.append(path_inside(image_dir, file_name, f"{where}.file_name"))
         ids.append(f"{file_name} (image id {iid})")
     targets = np.zeros((len(images), len(names)), dtype=np.int8)
     for i, ann in enumerate(anns):

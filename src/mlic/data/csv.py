@@ -20,7 +20,7 @@ from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
 from mlic.data.labels import check_class_names
 from mlic.errors import DataError
-from mlic.files import read_regular_text
+from mlic.files import path_inside, read_regular_text
 
 __all__ = ["load_csv"]
 
@@ -67,6 +67,7 @@ def load_csv(
         image, labels = row[0].strip(), row[1].strip()
         if not image:
             raise DataError(f"{path}:{line}: empty image path")
+        path_inside(image_dir, image, f"{path}:{line}")  # no absolute or ../ names
         key = os.path.normpath(image)  # img/a.jpg and ./img/a.jpg are one file
         if key in seen:
             raise DataError(f"{path}:{line}: duplicate image {image!r} (first on line {seen[key]})")

@@ -23,7 +23,7 @@ import numpy as np
 from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
-from mlic.files import read_regular_text
+from mlic.files import path_inside, read_regular_text
 
 __all__ = ["load_nuswide"]
 
@@ -102,7 +102,7 @@ def load_nuswide(
     targets = np.stack(
         [_read_column(label_dir / pattern.format(c), len(rel_paths)) for c in names], axis=1
     ) if rel_paths else np.zeros((0, len(names)), dtype=np.int8)  # fmt: skip
-    images = [root / image_dir / rel for rel in rel_paths]
+    images = [path_inside(root / image_dir, rel, f"{list_path}:{seen[rel]}") for rel in rel_paths]
     ann = Annotations(names=names, images=images, targets=targets, source=str(list_path))
     ann.warnings = no_label_warnings(rel_paths, targets)
     return ann

@@ -31,7 +31,7 @@ import numpy as np
 from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
-from mlic.files import require_regular_file
+from mlic.files import path_inside, require_regular_file
 
 __all__ = ["load_openimages", "read_class_descriptions"]
 
@@ -178,7 +178,7 @@ def load_openimages(
     warnings += no_label_warnings(ids, targets)
     ann = Annotations(
         names=names,
-        images=[image_dir / f"{i}.jpg" for i in ids],
+        images=[path_inside(image_dir, f"{i}.jpg", f"{path}: ImageID") for i in ids],
         targets=targets,
         source=str(path),
     )

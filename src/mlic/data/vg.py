@@ -27,7 +27,7 @@ import numpy as np
 from mlic.data import Annotations, read_json
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
-from mlic.files import read_regular_text
+from mlic.files import path_inside, read_regular_text
 
 __all__ = ["VG500_IMAGE_DIRS", "VG500_LABELS", "VG500_LIST", "load_vg500", "read_categories"]
 
@@ -152,7 +152,7 @@ def load_vg500(
             )
         targets[row, idx] = 1
         folder = next((d for d, ls in zip(dirs, listings, strict=True) if name in ls), dirs[0])
-        images.append(folder / name)
+        images.append(path_inside(folder, name, f"{list_path}: entry {name[:120]!r}"))
     ann = Annotations(names=names, images=images, targets=targets, source=str(list_path))
     ann.warnings = no_label_warnings(image_names, targets)
     return ann

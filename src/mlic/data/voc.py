@@ -15,7 +15,12 @@ import numpy as np
 from mlic.data import Annotations
 from mlic.data.check import no_label_warnings
 from mlic.errors import DataError
-from mlic.files import MAX_ANNOTATION_BYTES, read_regular_bytes, read_regular_text
+from mlic.files import (
+    MAX_ANNOTATION_BYTES,
+    path_inside,
+    read_regular_bytes,
+    read_regular_text,
+)
 
 __all__ = ["VOC_CLASSES", "load_voc", "parse_voc_xml"]
 
@@ -103,7 +108,8 @@ def load_voc(root: str | Path, split: str, class_names: list[str] | None = None)
     for row, image_id in enumerate(ids):
         xml_path = root / "Annotations" / f"{image_id}.xml"
         filename, objects = parse_voc_xml(xml_path)
-        images.append(root / "JPEGImages" / (filename or f"{image_id}.jpg"))
+        name = filename or f"{image_id}.jpg"
+        images.append(path_inside(root / "JPEGImages", name, f"{xml_path}: <filename>"))
         for name, difficult, obj_no in objects:
             col = index.get(name)
             if col is None:
