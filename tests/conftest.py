@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +32,41 @@ def write_image(path: Path, seed: int, size: int = 48) -> None:
     arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path, quality=90)
+
+
+def no_hang(fn: Any, *args: Any, seconds: float = 60) -> Any:
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 -- handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn.__name__} blocked (reading a FIFO?)"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def one_error_line(argv: list[str], capsys: pytest.CaptureFixture, seconds: float = 60) -> str:
+    """Run the CLI with ``argv``; assert exit code 2 and one ``mlic: error:`` line; return it."""
+    from mlic.cli import main
+
+    try:
+        code = no_hang(main, argv, seconds=seconds)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlic: error: "), err
+    return lines[0]
 
 
 def voc_xml(filename: str, objects: list[tuple[str, int]]) -> str:

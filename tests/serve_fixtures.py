@@ -83,8 +83,11 @@ class Served:
         return self.proc.returncode
 
 
-def start_server(checkpoint: Path, *args: str, startup_s: float = 180.0) -> Served:
-    """``python -m mlic serve CHECKPOINT --port P ARGS`` in a subprocess; waits for /readyz."""
+def start_server(
+    checkpoint: Path, *args: str, startup_s: float = 180.0, own_group: bool = False
+) -> Served:
+    """``python -m mlic serve CHECKPOINT --port P ARGS`` in a subprocess; waits for /readyz.
+    ``own_group``: in a process group of its own (as systemd starts a service)."""
     import httpx
 
     port = free_port()
@@ -93,8 +96,14 @@ def start_server(checkpoint: Path, *args: str, startup_s: float = 180.0) -> Serv
     env.pop("MLIC_SERVE_TOKEN", None)
     cmd = [sys.executable, "-m", "mlic", "serve", str(checkpoint), "--port", str(port), *args]
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=checkpoint.parent)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=checkpoint.parent,
+            start_new_session=own_group,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
@@ -106,7 +115,10 @@ def start_server(checkpoint: Path, *args: str, startup_s: float = 180.0) -> Serv
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    proc.kill()
+    if own_group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.kill()
     raise RuntimeError(f"mlic serve not ready after {startup_s:.0f} s:\n{log.read_text()}")
 
 

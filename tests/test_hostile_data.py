@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_BACKBONE, make_coco, make_voc
+from conftest import TINY_BACKBONE, make_coco, make_voc, no_hang
 from mlic.cli import main as cli_main
 from mlic.data import Annotations
 from mlic.data import wds as wds_mod
@@ -97,25 +96,6 @@ def one_error_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
 
 def check_argv(train: Path | str, val: Path | str) -> list[str]:
     return ["data", "check", "demo", "data.format=wds", f"data.train={train}", f"data.val={val}"]
-
-
-def no_hang(fn: Any, *args: Any, seconds: float = 60) -> Any:
-    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 -- handed to the test
-            out["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"{fn.__name__} blocked (reading a FIFO?)"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
 
 
 @pytest.fixture(scope="module")

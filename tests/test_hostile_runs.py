@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import mlic
 from conftest import TINY_BACKBONE, make_voc, write_image
+from conftest import one_error_line as cli_error_line
 from mlic.cli import main
 from mlic.config import RESUME_OVERRIDES, load_config, save_config
 from mlic.engine.checkpoint import save_checkpoint
@@ -30,23 +31,13 @@ from mlic.errors import ConfigError, RunBusyError
 from mlic.files import RUN_LOCK, RunLock, location_problem
 from mlic.viz import label_file_names
 from test_hub import hf_cache_from_folder
-from test_nothing_lost import NAMES, no_hang, run_cfg, snapshot, tiny_checkpoint
+from test_nothing_lost import NAMES, run_cfg, snapshot, tiny_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def one_error_line(argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run the CLI with ``argv``; assert exit code 2 and one ``mlic: error:`` line; return it."""
-    try:
-        code = no_hang(main, argv, seconds=120)
-    except SystemExit as e:  # argparse
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mlic: error: "), err
-    return lines[0]
+    return cli_error_line(argv, capsys, seconds=120)
 
 
 def tiny_voc_set(root: Path) -> Path:

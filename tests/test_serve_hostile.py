@@ -11,7 +11,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from conftest import TINY_BACKBONE
 from mlic.cli import main
 from mlic.data.transforms import IMAGE_FORMATS, load_image
 from mlic.errors import ConfigError, DataError
-from serve_fixtures import Served, free_port, make_checkpoint, require_serve_extra
+from serve_fixtures import Served, make_checkpoint, require_serve_extra, start_server
 
 require_serve_extra()
 import httpx  # noqa: E402
@@ -53,33 +52,7 @@ HEAD = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applicati
 # ----------------------------------------------------------------------------- helpers
 def start_own_group(checkpoint: Path, *args: str, startup_s: float = 180.0) -> Served:
     """``mlic serve`` in a process group of its own (as systemd starts a service), ready."""
-    port = free_port()
-    log = checkpoint.parent / f"serve-{port}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    env.pop("MLIC_SERVE_TOKEN", None)
-    cmd = [sys.executable, "-m", "mlic", "serve", str(checkpoint), "--port", str(port), *args]
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=checkpoint.parent,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + startup_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlic serve exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return Served(url, proc, checkpoint, log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError(f"mlic serve not ready after {startup_s:.0f} s:\n{log.read_text()}")
+    return start_server(checkpoint, *args, startup_s=startup_s, own_group=True)
 
 
 def stop_group(server: Served) -> None:
