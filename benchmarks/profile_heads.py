@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from mlic.bench import forward_flops, random_labelset
 from mlic.cli import resolve_config_path
 from mlic.config import load_config
-from mlic.engine.host import retain_freed_memory
+from mlic.host import retain_freed_memory
 from mlic.losses import build_loss
 from mlic.models.registry import create_model
 

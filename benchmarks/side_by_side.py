@@ -123,7 +123,7 @@ def train_rate(
 
     fast = side == "mlic"
     if fast:
-        from mlic.engine.host import retain_freed_memory
+        from mlic.host import retain_freed_memory
 
         retain_freed_memory()
     else:
@@ -217,7 +217,7 @@ def main() -> None:
     # --- inference: eager fp32 vs ONNX Runtime fp32 / int8, and the mAP change. Eager runs
     # as `mlic predict` runs it, freed memory kept (without, it is ~2x slower in a fresh
     # process): the ratio is to eager PyTorch at its best, not to a cold process.
-    from mlic.engine.host import retain_freed_memory
+    from mlic.host import retain_freed_memory
 
     retain_freed_memory()
     onnx = export_checkpoint(ckpt, tmp / "model.onnx").path

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlic.engine.host import CpuInfo, cpu_info, onednn_linear_min_rows
+from mlic.host import CpuInfo, cpu_info, onednn_linear_min_rows
 from mlic.models import layers
 from mlic.models.layers import CrossAttention, Linear, linear
 

@@ -239,8 +239,8 @@ def benchmark(
     workers: int = 2,
 ) -> dict[str, Any]:
     """Training and inference speed, latency, memory, FLOPs and FLOP utilisation of one model."""
-    from mlic.engine.host import retain_freed_memory
     from mlic.engine.precision import autocast, resolve_precision
+    from mlic.host import retain_freed_memory
     from mlic.losses import build_loss
     from mlic.models.registry import create_model
 

@@ -126,8 +126,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlic.engine.host import retain_freed_memory
     from mlic.evaluate import evaluate_checkpoint
+    from mlic.host import retain_freed_memory
 
     retain_freed_memory()  # this process is ours: no page faults per batch
 
@@ -147,8 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mlic.engine.host import retain_freed_memory
     from mlic.evaluate import resolve_target
+    from mlic.host import retain_freed_memory
     from mlic.inference import Predictor
     from mlic.predict import format_table, run_predict, write_predictions
 
@@ -259,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from mlic.evaluate import resolve_target
     from mlic.export import SUFFIXES, export_checkpoint
-    from mlic.hub import in_hub_cache, is_hub_id
+    from mlic.hub_files import in_hub_cache, is_hub_id
 
     if args.int8 and args.format != "onnx":  # before the export, not after it
         raise ConfigError("--int8 applies to --format onnx")
@@ -323,7 +323,8 @@ def _quantize(ckpt: Path, onnx_path: Path, args: argparse.Namespace) -> Path:
 def cmd_push(args: argparse.Namespace) -> int:
     """``mlic push RUN_DIR REPO_ID`` uploads; ``mlic push --dry-run RUN_DIR OUT_DIR`` writes the
     folder it would upload (model.safetensors, config.json, config.yaml, README.md)."""
-    from mlic.hub import push_run, validate_repo_id
+    from mlic.hub import push_run
+    from mlic.hub_files import validate_repo_id
 
     if args.dry_run:
         repo_id = args.repo_id or f"ORG/{Path(args.run_dir).resolve().name}"
@@ -419,7 +420,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     """``mlic data check|stats``: read both splits of a config and check every image, without
     training; ``stats`` also writes stats.md + plots. Exit 1 when broken images were found."""
     from mlic.config import load_config
-    from mlic.data.check import data_check, write_stats
+    from mlic.data.check import data_check
+    from mlic.data.stats import write_stats
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     if args.action == "pack":

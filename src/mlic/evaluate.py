@@ -29,7 +29,7 @@ log = logging.getLogger("mlic")
 def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
     """``(checkpoint, run config or None)`` for a run folder, a checkpoint path or an
     ``hf-hub:ORG/NAME`` repository (its ``model.safetensors`` and ``config.yaml``)."""
-    from mlic.hub import is_hub_id, resolve_checkpoint, resolve_hub_file
+    from mlic.hub_files import is_hub_id, resolve_checkpoint, resolve_hub_file
 
     if is_hub_id(target):
         return resolve_checkpoint(target), resolve_hub_file(str(target), "config.yaml", False)
@@ -82,7 +82,7 @@ def evaluate_checkpoint(
     ``precision``: ``auto``, ``fp32`` or ``bf16`` (see :mod:`mlic.engine.precision`); the
     choice and its reason are in the returned ``"precision"``.
     """
-    from mlic.hub import check_downloaded_config, in_hub_cache, is_hub_id
+    from mlic.hub_files import check_downloaded_config, in_hub_cache, is_hub_id
 
     ckpt, run_cfg = resolve_target(target)
     # from the Hub, by id or by a path into the Hugging Face cache: someone else's files

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlic.engine.faults import maybe_kill
 from mlic.errors import ConfigError, DataError, MlicError, RunBusyError, WriteError
+from mlic.faults import maybe_kill
 
 __all__ = [
     "MAX_ANNOTATION_BYTES",

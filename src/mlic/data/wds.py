@@ -81,8 +81,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mlic.data import Annotations
 from mlic.data.labels import LabelSet, check_class_names
 from mlic.data.transforms import apply_seeded, decode_image
-from mlic.engine.faults import maybe_kill  # a leaf module (as mlic.files uses it): the kill tests
 from mlic.errors import DataError
+from mlic.faults import maybe_kill  # a leaf module (as mlic.files uses it): the kill tests
 from mlic.files import MAX_IMAGE_BYTES, file_sha256, read_regular_bytes, write_text
 
 __all__ = [

@@ -235,9 +235,9 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model named in the metadata and load its tensors strictly.
 
-    ``path``: a ``.safetensors`` file or ``hf-hub:ORG/NAME`` (see :mod:`mlic.hub`).
+    ``path``: a ``.safetensors`` file or ``hf-hub:ORG/NAME`` (see :mod:`mlic.hub_files`).
     """
-    from mlic.hub import resolve_checkpoint
+    from mlic.hub_files import resolve_checkpoint
     from mlic.models.registry import create_model, is_model
 
     path = resolve_checkpoint(path)

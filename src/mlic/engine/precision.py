@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlic.engine.host import cpu_info
+from mlic.host import cpu_info
 
 __all__ = [
     "BF16_UNITS",

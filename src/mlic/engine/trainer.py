@@ -60,12 +60,12 @@ from mlic.engine.checkpoint import (
     save_resume,
     unwrap_model,
 )
-from mlic.engine.faults import maybe_kill
-from mlic.engine.host import retain_freed_memory
 from mlic.engine.precision import Precision, resolve_precision
 from mlic.engine.precision import autocast as precision_autocast
 from mlic.errors import CheckpointError, ConfigError, DataError, MlicError
+from mlic.faults import maybe_kill
 from mlic.files import RUN_LOCK, RunLock, atomic_write, save_npy, write_text
+from mlic.host import retain_freed_memory
 from mlic.losses import loss_from_config
 from mlic.metrics import MultiLabelMetrics, average_precision_per_class, multilabel_metrics
 from mlic.models.registry import create_model

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mlic.engine.host import onednn_linear_min_rows
 from mlic.errors import ConfigError
+from mlic.host import onednn_linear_min_rows
 from mlic.models.backbone import create_backbone
 
 __all__ = ["MultiLabelModel", "make_default_cfg", "Linear", "linear"]
 
 # Below this many rows a plain BLAS matmul is as fast as the oneDNN route on this CPU
-# (measured per CPU kind: mlic.engine.host.onednn_linear_min_rows). Decided once, at import:
+# (measured per CPU kind: mlic.host.onednn_linear_min_rows). Decided once, at import:
 # torch.compile does not trace the decision.
 _MIN_ROWS = onednn_linear_min_rows()
 ONEDNN_LINEAR_MIN_ROWS = _MIN_ROWS or 0

@@ -539,7 +539,7 @@ class MlicAPI(ls.LitAPI):
 
     # -- inference worker
     def setup(self, device: str) -> None:
-        from mlic.engine.host import retain_freed_memory
+        from mlic.host import retain_freed_memory
         from mlic.inference import OnnxPredictor, Predictor
 
         stopping = self.stopping
