@@ -119,7 +119,7 @@ def train_rate(
     side: str, ckpt: Path, files: list[Path], targets: torch.Tensor, s: int, batch: int
 ) -> float:
     """Images/s of one epoch (decode + augment + step, inline) after one untimed step."""
-    from mlic.models import layers
+    from mlic.models import _layers as layers
 
     fast = side == "mlic"
     if fast:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mlic.host import CpuInfo, cpu_info, onednn_linear_min_rows
-from mlic.models import layers
-from mlic.models.layers import CrossAttention, Linear, linear
+from mlic.models import _layers as layers
+from mlic.models._layers import CrossAttention, Linear, linear
 
 ONEDNN = torch.backends.mkldnn.is_available()
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mlic.config import DEFAULT_IMAGE_SIZE
 from mlic.data.labels import LabelSet
 from mlic.errors import DataError
 
@@ -65,12 +66,12 @@ def random_labelset(num_classes: int, seed: int = 0) -> LabelSet:
 def model_summary(
     name: str,
     backbone: str = "resnet101",
-    image_size: int = 448,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     num_classes: int = 80,
     flops: bool = True,
 ) -> dict[str, Any]:
     """Parameter count (M) and forward GFLOPs per image of a registered model."""
-    from mlic.models.registry import create_model
+    from mlic.models._registry import create_model
 
     model = create_model(
         name, num_classes, labels=random_labelset(num_classes), backbone=backbone, pretrained=False
@@ -112,12 +113,12 @@ def matmul_peaks(
     """Measured dense ``n^3`` matmul throughput (FLOP/s) of this device, per GEMM library.
 
     ``blas``: ``torch.matmul`` (cuBLAS on CUDA, MKL/OpenBLAS on CPU). On CPU also
-    ``onednn``: the same product through oneDNN, the way :func:`mlic.models.layers.linear`
+    ``onednn``: the same product through oneDNN, the way :func:`mlic.models._layers.linear`
     runs it. They differ a lot on AMD CPUs, where MKL takes its AVX2 path while oneDNN (which
     also runs every convolution) uses AVX-512: ~215 vs ~500 GFLOP/s on the 2-vCPU Zen 5
     machine of ``benchmarks/BENCHMARKS.md``.
     """
-    from mlic.models.layers import linear
+    from mlic.models._layers import linear
 
     n = n or (8192 if device.type == "cuda" else 2048)  # a GPU needs large products to peak
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -227,7 +228,7 @@ def gpu_decode_speed(
 def benchmark(
     name: str,
     backbone: str = "resnet101",
-    image_size: int = 448,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     num_classes: int = 80,
     batch_size: int = 8,
     device: str = "cpu",
@@ -242,7 +243,7 @@ def benchmark(
     from mlic.engine.precision import autocast, resolve_precision
     from mlic.host import retain_freed_memory
     from mlic.losses import build_loss
-    from mlic.models.registry import create_model
+    from mlic.models._registry import create_model
 
     data_files = jpeg_files(data) if data else None  # a wrong --data fails before the timing
     dev = torch.device(device)

@@ -295,8 +295,6 @@ def _quantize(ckpt: Path, onnx_path: Path, args: argparse.Namespace) -> Path:
     from mlic.export import quantize_onnx_int8
     from mlic.predict import expand_inputs
 
-    if args.format != "onnx":
-        raise ConfigError("--int8 applies to --format onnx")
     if args.calibration:
         images, _ = expand_inputs([args.calibration])
     else:
@@ -366,7 +364,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _models_paper(names: list[str], json_path: str | None) -> int:
     """``mlic models --paper``: each model's published results from its registry entry."""
-    from mlic.models.papers import published_rows
+    from mlic.models._papers import published_rows
 
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
@@ -388,7 +386,7 @@ def _models_paper(names: list[str], json_path: str | None) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from mlic.bench import model_summary
-    from mlic.models.registry import list_models
+    from mlic.models._registry import list_models
 
     if args.json:  # before the table is computed
         from mlic.files import refuse_run_file
@@ -517,6 +515,7 @@ PRECISION_ARG: dict = {
 
 def build_parser() -> argparse.ArgumentParser:
     from mlic import __version__
+    from mlic.config import DEFAULT_IMAGE_SIZE
 
     p = _Parser(prog="mlic", description="Multi-label image classification.")
     p.add_argument("--version", action="version", version=f"mlic {__version__}")
@@ -658,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     s.add_argument("--batch-size", type=POSITIVE_INT, default=8)
-    s.add_argument("--image-size", type=IMAGE_SIZE, default=448)
+    s.add_argument("--image-size", type=IMAGE_SIZE, default=DEFAULT_IMAGE_SIZE)
     s.add_argument("--num-classes", type=NUM_CLASSES, default=80)
     s.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps after one warm-up")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -672,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     s.add_argument("filter", nargs="?", help="only names containing this")
     s.add_argument("--backbone", default="resnet101")
-    s.add_argument("--image-size", type=IMAGE_SIZE, default=448)
+    s.add_argument("--image-size", type=IMAGE_SIZE, default=DEFAULT_IMAGE_SIZE)
     s.add_argument("--num-classes", type=NUM_CLASSES, default=80)
     s.add_argument("--no-flops", action="store_true", help="skip the FLOP count (fast)")
     s.add_argument(

@@ -31,7 +31,11 @@ __all__ = [
     "RESUME_OVERRIDES",
     "check_resume_overrides",
     "to_dict",
+    "DEFAULT_IMAGE_SIZE",
 ]
+
+#: The input side (pixels) a model uses unless told otherwise: the papers' common 448.
+DEFAULT_IMAGE_SIZE = 448
 
 
 @dataclass

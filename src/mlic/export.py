@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mlic.config import DEFAULT_IMAGE_SIZE
 from mlic.errors import MlicError
 from mlic.files import atomic_write, refuse_run_file
 
@@ -59,7 +60,6 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "FORMATS",
-    "NOT_EXPORTABLE",
     "ProbabilityModel",
     "export_checkpoint",
     "export_model",
@@ -76,11 +76,6 @@ OUTPUT_NAME = "probabilities"
 ATOL = 1e-4  # fp32 agreement required between the exported graph and eager PyTorch
 EXAMPLE_BATCH = 2  # the traced example: not 0/1 (torch.export specialises those) nor a tested size
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in exporter messages
-
-#: Registered models that cannot be exported to ONNX, with the reason. The export test
-#: expects :class:`ExportError` for these and a successful, verified export for every other
-#: model. Empty is the goal: add an entry only with a reason a user can act on.
-NOT_EXPORTABLE: dict[str, str] = {}
 
 
 class ExportError(MlicError):
@@ -376,7 +371,7 @@ def export_model(
     model: nn.Module,
     output: str | Path,
     format: str = "onnx",
-    image_size: int = 448,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     meta: dict[str, Any] | None = None,
     opset: int | None = None,
     verify: bool = True,
@@ -414,8 +409,7 @@ def export_model(
             else:
                 result.notes += _export_program(wrapped, example, tmp, metadata)
         except Exception as e:  # noqa: BLE001 -- exporters raise many types; the user needs one
-            hint = f" (known: {NOT_EXPORTABLE[name]})" if name in NOT_EXPORTABLE else ""
-            raise ExportError(f"{name}: {format} export failed: {_describe(e)}{hint}") from e
+            raise ExportError(f"{name}: {format} export failed: {_describe(e)}") from e
         if not verify:
             return
         try:
@@ -481,7 +475,9 @@ def export_checkpoint(
     if Path(output).is_dir():
         raise ExportError(f"--output {output}: is a folder; give the file to write")
     model, meta = load_checkpoint(checkpoint)
-    size = int(image_size or meta.get("input_size", (3, 448, 448))[-1])
+    size = int(
+        image_size or meta.get("input_size", (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))[-1]
+    )
     return export_model(model, output, format, size, meta, opset, verify, batch_sizes, atol)
 
 

@@ -68,7 +68,7 @@ from mlic.files import RUN_LOCK, RunLock, atomic_write, save_npy, write_text
 from mlic.host import retain_freed_memory
 from mlic.losses import loss_from_config
 from mlic.metrics import MultiLabelMetrics, average_precision_per_class, multilabel_metrics
-from mlic.models.registry import create_model
+from mlic.models._registry import create_model
 
 __all__ = ["train", "evaluate", "resolve_device", "autocast_context", "TrainingStopped"]
 

@@ -72,16 +72,16 @@ import torch
 import torch.nn as nn
 
 from mlic.errors import ConfigError
-from mlic.models.layers import (
+from mlic.models._base import MultiLabelModel
+from mlic.models._layers import (
     ClassWiseAttention,
     GCNStack,
     GlobalPool,
     LabelEmbedding,
-    MultiLabelModel,
     label_graph,
 )
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = ["GCNClassifierGenerator", "LearnedClassifiers", "MLGCN", "AttnGCN"]
 

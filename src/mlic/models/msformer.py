@@ -94,15 +94,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlic.models.layers import (
+from mlic.errors import ConfigError
+from mlic.models._base import MultiLabelModel
+from mlic.models._layers import (
     LabelEmbedding,
     LabelQueryDecoderLayer,
-    MultiLabelModel,
     TransformerEncoderLayer,
     tokens_to_maps,
 )
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = ["MSFormer", "HierarchicalScaleAttention", "msformer", "MSFORMER_PUBLISHED"]
 
@@ -153,7 +154,7 @@ class HierarchicalScaleAttention(nn.Module):
     def __init__(self, mode: str = "bilinear", gate_init: float | None = 0.0) -> None:
         super().__init__()
         if mode not in INTERPOLATION_MODES:
-            raise ValueError(f"interpolation {mode!r} is not one of {list(INTERPOLATION_MODES)}")
+            raise ConfigError(f"interpolation {mode!r} is not one of {list(INTERPOLATION_MODES)}")
         self.mode = mode
         self.gamma = None if gate_init is None else nn.Parameter(torch.full((1,), gate_init))
 
@@ -184,7 +185,7 @@ def _self_attention_layers(setting: bool | str, num_decoders: int) -> list[bool]
     elif setting is False:
         setting = "none"
     if setting not in DECODER_SELF_ATTENTION:
-        raise ValueError(
+        raise ConfigError(
             f"decoder_self_attention={setting!r}: choose True/False or one of "
             f"{list(DECODER_SELF_ATTENTION)}"
         )
@@ -246,20 +247,20 @@ class MSFormer(MultiLabelModel):
             or any(b not in BRANCHES for b in branches)
             or len(set(branches)) < len(branches)
         ):
-            raise ValueError(f"branches={list(branches)}: a non-empty subset of {list(BRANCHES)}")
+            raise ConfigError(f"branches={list(branches)}: a non-empty subset of {list(BRANCHES)}")
         branches = tuple(b for b in BRANCHES if b in branches)  # largest map first
         if scale_fusion not in SCALE_FUSION_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"scale_fusion={scale_fusion!r} is not one of {list(SCALE_FUSION_MODES)}"
             )
         if interpolation not in INTERPOLATION_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"interpolation={interpolation!r} is not one of {list(INTERPOLATION_MODES)}"
             )
         if classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier={classifier!r} is not one of {list(CLASSIFIERS)}")
+            raise ConfigError(f"classifier={classifier!r} is not one of {list(CLASSIFIERS)}")
         if num_encoders < 0 or num_decoders < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"need num_encoders >= 0 and num_decoders >= 1 (the label queries are the "
                 f"decoders' output), got {num_encoders} and {num_decoders}"
             )
@@ -396,7 +397,7 @@ class MSFormer(MultiLabelModel):
             tokens = layer(tokens, segments=lengths)  # [B, sum h_i*w_i, D]
         if not self.region_selection:  # Table 4 ablation: no class-specific features
             if need_weights:
-                raise ValueError("msformer without region selection has no label attention")
+                raise ConfigError("msformer without region selection has no label attention")
             c = self.num_classes
             pooled = [t.mean(dim=1, keepdim=True) for t in tokens.split(lengths, dim=1)]
             return [p.expand(-1, c, -1) for p in pooled], None  # n x [B, C, D]

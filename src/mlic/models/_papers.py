@@ -67,7 +67,7 @@ class PaperResult:
 def published_rows(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every registered model's published results as plain dicts (``model`` added), sorted
     by model; models without any are listed with one row of None figures."""
-    from mlic.models.registry import list_models, published_results
+    from mlic.models._registry import list_models, published_results
 
     rows: list[dict[str, Any]] = []
     for name in names if names is not None else list_models():
@@ -183,7 +183,7 @@ def paper_comparison(
     ``split``: the evaluated split's name (e.g. ``test``, ``annotations/instances_val2014.json``);
     ``params_m``: the run's parameter count in millions, when known.
     """
-    from mlic.models.registry import is_model, published_results
+    from mlic.models._registry import is_model, published_results
 
     if not isinstance(cfg, Mapping) or not isinstance(model_name, str) or not is_model(model_name):
         return []
