@@ -28,7 +28,8 @@ from mlic.config import load_config, to_dict
 from mlic.data.transforms import RandomSquareCrop, build_transform, config_transforms
 from mlic.engine.trainer import build_ema, build_optimizer, train
 from mlic.errors import ConfigError
-from mlic.models._papers import DATASETS, PaperResult, dataset_of, paper_comparison
+from mlic.models._comparison import dataset_of, paper_comparison
+from mlic.models._papers import DATASETS, PaperResult
 from mlic.models._registry import list_models, published_results, register_model
 
 C = 5

@@ -364,7 +364,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _models_paper(names: list[str], json_path: str | None) -> int:
     """``mlic models --paper``: each model's published results from its registry entry."""
-    from mlic.models._papers import published_rows
+    from mlic.models._comparison import published_rows
 
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"

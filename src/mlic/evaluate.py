@@ -174,7 +174,7 @@ def _paper_section(
 ) -> list[str]:
     """The model's published figure beside this evaluation, when it has one on this data."""
     from mlic.config import to_dict
-    from mlic.models._papers import paper_comparison
+    from mlic.models._comparison import paper_comparison
 
     split_name = cfg.data.train if split == "train" else cfg.data.val
     params_m = sum(p.numel() for p in model.parameters()) / 1e6

@@ -88,7 +88,7 @@ def _model_card(repo_id: str, meta: dict[str, Any], cfg: dict[str, Any] | None,
                 num_train: int | None) -> str:  # fmt: skip
     import yaml
 
-    from mlic.models._papers import paper_comparison
+    from mlic.models._comparison import paper_comparison
     from mlic.viz import METRIC_KEYS, metric_table
 
     metrics = meta.get("metrics") or {}
