@@ -19,7 +19,7 @@ from real_voc import best_epoch as best_row  # same selection: model or EMA, bes
 from mlic.cli import resolve_config_path
 from mlic.config import load_config
 from mlic.engine.trainer import train
-from mlic.models._registry import list_models
+from mlic.models import list_models
 
 
 def main() -> None:

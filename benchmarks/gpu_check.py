@@ -111,7 +111,7 @@ def step_bench(ctx: dict[str, Any], dry: bool) -> dict[str, Any]:
     if dry:
         from mlic.bench import random_labelset
         from mlic.cli import build_parser
-        from mlic.models._registry import create_model
+        from mlic.models import create_model
 
         parser = build_parser()
         for m, c in runs:

@@ -35,7 +35,7 @@ from mlic.data.voc import load_voc
 from mlic.engine.trainer import build_scheduler
 from mlic.losses import build_loss
 from mlic.metrics import average_precision_per_class
-from mlic.models._registry import create_model
+from mlic.models import create_model
 
 DEFAULT_ROOT = (
     Path(__file__).resolve().parents[1].parent

@@ -26,7 +26,7 @@ from mlic.cli import resolve_config_path
 from mlic.config import load_config
 from mlic.host import retain_freed_memory
 from mlic.losses import build_loss
-from mlic.models._registry import create_model
+from mlic.models import create_model
 
 
 def _cpu_seconds() -> float:

@@ -72,7 +72,7 @@ def test_bench_checks_its_data_folder_before_timing_the_model(
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before --data was checked")
 
-    monkeypatch.setattr("mlic.models._registry.create_model", no_model)
+    monkeypatch.setattr("mlic.models.create_model", no_model)
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "nowhere", tmp_path / "empty"):
         with pytest.raises(DataError, match=folder.name):

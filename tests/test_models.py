@@ -19,7 +19,7 @@ from conftest import TINY_BACKBONE
 from mlic.data.labels import LabelSet
 from mlic.errors import CheckpointError, ConfigError
 from mlic.losses import build_loss
-from mlic.models._registry import register_model
+from mlic.models import register_model
 
 NUM_CLASSES = 5
 SIZE = 64

@@ -386,7 +386,7 @@ def _models_paper(names: list[str], json_path: str | None) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from mlic.bench import model_summary
-    from mlic.models._registry import list_models
+    from mlic.models import list_models
 
     if args.json:  # before the table is computed
         from mlic.files import refuse_run_file

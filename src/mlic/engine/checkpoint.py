@@ -243,7 +243,7 @@ def load_checkpoint(
     ``path``: a ``.safetensors`` file or ``hf-hub:ORG/NAME`` (see :mod:`mlic.hub_files`).
     """
     from mlic.hub_files import resolve_checkpoint
-    from mlic.models._registry import create_model, is_model
+    from mlic.models import create_model, is_model
 
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
