@@ -44,8 +44,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         tag = " (EMA)" if r["ema"] else ""
-        print(f"| {name} | {100 * r['mAP']:.2f} | {100 * r['CF1']:.2f} | {100 * r['OF1']:.2f} | "
-              f"{r['epoch']}{tag} | {r['s_per_epoch']:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {100 * r['mAP']:.2f} | {100 * r['CF1']:.2f} | {100 * r['OF1']:.2f} | "
+            f"{r['epoch']}{tag} | {r['s_per_epoch']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ def start_server(checkpoint: Path, *args: str, startup_s: float = 180.0) -> Serv
     env.pop("MLIC_SERVE_TOKEN", None)
     cmd = [sys.executable, "-m", "mlic", "serve", str(checkpoint), "--port", str(port), *args]
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=checkpoint.parent)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=checkpoint.parent
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
@@ -116,7 +117,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     require_serve_extra()
     root = tmp_path_factory.mktemp("serve")
     ckpt = make_checkpoint(root / "model.safetensors")
-    server = start_server(ckpt, "--max-batch-size", "8", "--max-wait-ms", "200",
-                          "--max-images", "8", "--max-upload-mb", "1")  # fmt: skip
+    server = start_server(
+        ckpt,
+        "--max-batch-size",
+        "8",
+        "--max-wait-ms",
+        "200",
+        "--max-images",
+        "8",
+        "--max-upload-mb",
+        "1",
+    )
     yield server
     server.stop()

@@ -20,11 +20,16 @@ from mlic.errors import DataError
 
 
 def test_voc_reads_objects_and_difficult(tmp_path: Path) -> None:
-    voc = make_voc(tmp_path, {"trainval": [
-        [("cat", 0), ("dog", 1)],            # dog only difficult -> ignore
-        [("dog", 1), ("dog", 0), ("car", 0)],  # one non-difficult dog -> present
-        [("person", 0)],
-    ]})  # fmt: skip
+    voc = make_voc(
+        tmp_path,
+        {
+            "trainval": [
+                [("cat", 0), ("dog", 1)],  # dog only difficult -> ignore
+                [("dog", 1), ("dog", 0), ("car", 0)],  # one non-difficult dog -> present
+                [("person", 0)],
+            ]
+        },
+    )
     ann = load_voc(voc, "trainval")
     assert ann.names == VOC_CLASSES
     col = {n: i for i, n in enumerate(ann.names)}

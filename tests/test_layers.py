@@ -40,8 +40,10 @@ def test_onednn_linear_rows_are_chosen_per_cpu(monkeypatch: pytest.MonkeyPatch, 
     assert onednn_linear_min_rows(zen5) is None
     # /proc/cpuinfo as Linux writes it: the first processor's block
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
-                    "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n")  # fmt: skip
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n"
+    )
     assert cpu_info(str(info)) == CpuInfo("AuthenticAMD", 26, 2, frozenset({"fpu", "avx512f"}))
     assert cpu_info(str(tmp_path / "absent")) == CpuInfo("", -1, -1, frozenset())
 

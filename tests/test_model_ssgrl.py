@@ -172,9 +172,13 @@ def test_rebuild_without_labels_matches_kinds() -> None:
     """labels=None + rebuild_kwargs gives the same buffers/parameters (what load_checkpoint does)."""
     model = build()
     rebuilt = SSGRL(
-        C, labels=None, backbone=TINY_BACKBONE, low_rank_dim=32, attention_dim=16,
+        C,
+        labels=None,
+        backbone=TINY_BACKBONE,
+        low_rank_dim=32,
+        attention_dim=16,
         **model.rebuild_kwargs,
-    )  # fmt: skip
+    )
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in model.state_dict().items()
     }

@@ -57,10 +57,19 @@ def test_multiscale_crop_sizes_and_positions_follow_ml_gcn() -> None:
 
 def test_multiscale_crop_in_the_training_pipeline_only() -> None:
     img = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8)
-    train = build_transform(SIZE, (0.5,) * 3, (0.5,) * 3, True, randaugment=False, hflip=False,
-                            normalize=False, crop="multiscale")  # fmt: skip
-    evaluation = build_transform(SIZE, (0.5,) * 3, (0.5,) * 3, False, normalize=False,
-                                 crop="multiscale")  # fmt: skip
+    train = build_transform(
+        SIZE,
+        (0.5,) * 3,
+        (0.5,) * 3,
+        True,
+        randaugment=False,
+        hflip=False,
+        normalize=False,
+        crop="multiscale",
+    )
+    evaluation = build_transform(
+        SIZE, (0.5,) * 3, (0.5,) * 3, False, normalize=False, crop="multiscale"
+    )
     assert any(isinstance(t, MultiScaleCrop) for t in train.transforms)
     assert not any(isinstance(t, MultiScaleCrop) for t in evaluation.transforms)
     torch.manual_seed(3)

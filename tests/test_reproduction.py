@@ -478,8 +478,9 @@ def test_the_resize_protocol_travels_to_predict_and_export(tmp_path: Path) -> No
 
     names = ["a", "b", "c"]
     model = mlic.create_model("baseline", 3, backbone=TINY_BACKBONE, pretrained=False)
-    ckpt = save_checkpoint(model, tmp_path / "m.safetensors", names, input_size=[3, 32, 32],
-                           resize=40)  # fmt: skip
+    ckpt = save_checkpoint(
+        model, tmp_path / "m.safetensors", names, input_size=[3, 32, 32], resize=40
+    )
     meta = read_metadata(ckpt)
     # a 40 x 40 photo with a 4 px red frame: the warp to 40 and the centre 32 crop cut it away
     arr = np.zeros((40, 40, 3), np.uint8)

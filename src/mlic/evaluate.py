@@ -134,9 +134,19 @@ def evaluate_checkpoint(
         "precision": str(chosen),
     }
     title = f"{meta['model']} evaluated on {cfg.data.format} {split}"
-    report = write_report(out, title=title, names=names, scores=scores, targets=targets,
-                          per_class_ap=per_class, results=results, extra=extra, sections=sections,
-                          thresholds=thresholds, thresholds_from=thresholds_from)  # fmt: skip
+    report = write_report(
+        out,
+        title=title,
+        names=names,
+        scores=scores,
+        targets=targets,
+        per_class_ap=per_class,
+        results=results,
+        extra=extra,
+        sections=sections,
+        thresholds=thresholds,
+        thresholds_from=thresholds_from,
+    )
     return {
         "metrics": results,
         "per_class_ap": per_class,

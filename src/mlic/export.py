@@ -255,9 +255,12 @@ def _capture(wrapped: ProbabilityModel, example: torch.Tensor) -> torch.export.E
 
 
 def _export_onnx(
-    wrapped: ProbabilityModel, example: torch.Tensor, output: Path, opset: int | None,
+    wrapped: ProbabilityModel,
+    example: torch.Tensor,
+    output: Path,
+    opset: int | None,
     metadata: dict[str, str],
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """ONNX from the captured program through the ``torch.export``-based exporter.
 
     The program is captured here rather than by ``torch.onnx.export`` so that a model whose
@@ -519,9 +522,14 @@ def quantize_onnx_int8(
     try:
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(staged), _Reader(), quant_format=QuantFormat.QDQ,
-            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        )  # fmt: skip
+            str(prepared),
+            str(staged),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         src = onnx.load(str(onnx_path), load_external_data=False)
         q = onnx.load(str(staged))
     except Exception as e:  # the quantizer's errors are deep and long: name the model and cause

@@ -79,8 +79,16 @@ def _disk_full(folder: Path) -> bool:
         return False
 
 
-_IO_MARKERS = ("write failed", "PytorchStreamWriter", "inline_container", "No space", "I/O error",
-               "Permission denied", "Read-only file system", "Disk quota")  # fmt: skip
+_IO_MARKERS = (
+    "write failed",
+    "PytorchStreamWriter",
+    "inline_container",
+    "No space",
+    "I/O error",
+    "Permission denied",
+    "Read-only file system",
+    "Disk quota",
+)
 
 
 def _is_io_failure(e: BaseException, folder: Path) -> bool:

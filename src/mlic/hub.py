@@ -83,9 +83,14 @@ def _hub_config(meta: dict[str, Any], cfg: dict[str, Any] | None) -> dict[str, A
     }
 
 
-def _model_card(repo_id: str, meta: dict[str, Any], cfg: dict[str, Any] | None,
-                per_class: list[tuple[str, float | None]], license: str,
-                num_train: int | None) -> str:  # fmt: skip
+def _model_card(
+    repo_id: str,
+    meta: dict[str, Any],
+    cfg: dict[str, Any] | None,
+    per_class: list[tuple[str, float | None]],
+    license: str,
+    num_train: int | None,
+) -> str:
     import yaml
 
     from mlic.models._comparison import paper_comparison
@@ -124,8 +129,11 @@ def _model_card(repo_id: str, meta: dict[str, Any], cfg: dict[str, Any] | None,
     ]
     lines += paper_comparison(name, cfg, metrics, size, data.get("val"))  # the paper's row
     if meta.get("thresholds") is not None:
-        lines += [f"Per-class thresholds are included (calibrated on `{meta.get('thresholds_from')}`) "
-                  "and used by `mlic predict` unless `--threshold` is given.", ""]  # fmt: skip
+        lines += [
+            f"Per-class thresholds are included (calibrated on `{meta.get('thresholds_from')}`) "
+            "and used by `mlic predict` unless `--threshold` is given.",
+            "",
+        ]
     if per_class:
         lines += ["## Per-class AP", "", "| label | AP |", "|---|---:|"]
         lines += [
@@ -171,8 +179,9 @@ def _model_card(repo_id: str, meta: dict[str, Any], cfg: dict[str, Any] | None,
     return "\n".join(lines)
 
 
-def build_push_folder(run_dir: str | Path, repo_id: str, out: str | Path,
-                      license: str = "other") -> Path:  # fmt: skip
+def build_push_folder(
+    run_dir: str | Path, repo_id: str, out: str | Path, license: str = "other"
+) -> Path:
     """Write the exact folder ``mlic push`` uploads for ``run_dir`` into ``out``."""
     import yaml
 
@@ -199,14 +208,20 @@ def build_push_folder(run_dir: str | Path, repo_id: str, out: str | Path,
     labels_json = run_dir / "labels" / "labels.json"
     if labels_json.exists():
         num_train = json.loads(read_regular_text(labels_json, "labels file")).get("num_images")
-    card = _model_card(repo_id, meta, cfg, _per_class_ap(run_dir, list(meta["label_names"])),
-                       license, num_train)  # fmt: skip
+    card = _model_card(
+        repo_id, meta, cfg, _per_class_ap(run_dir, list(meta["label_names"])), license, num_train
+    )
     (out / "README.md").write_text(card)
     return out
 
 
-def push_run(run_dir: str | Path, repo_id: str, private: bool = False, license: str = "other",
-             dry_run: str | Path | None = None) -> str:  # fmt: skip
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    license: str = "other",
+    dry_run: str | Path | None = None,
+) -> str:
     """Upload a run to ``repo_id`` (or, with ``dry_run=DIR``, only write the folder there).
 
     Returns the repository URL, or the dry-run folder.
@@ -221,6 +236,9 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, license: 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_push_folder(run_dir, repo_id, Path(tmp) / "push", license=license)
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id,
-                          commit_message=f"mlic push {Path(run_dir).name}")  # fmt: skip
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            commit_message=f"mlic push {Path(run_dir).name}",
+        )
     return str(url)

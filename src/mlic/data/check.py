@@ -220,8 +220,12 @@ def screen_splits(
         log.warning(
             "skipping %d broken image(s) (data.skip_bad_images=true; %s image check)%s; "
             "training on %s images:\n  %s",
-            len(lines), mode, where, kept, "\n  ".join(lines),
-        )  # fmt: skip
+            len(lines),
+            mode,
+            where,
+            kept,
+            "\n  ".join(lines),
+        )
     return out
 
 

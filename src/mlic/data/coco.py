@@ -38,9 +38,14 @@ def load_coco(annotation_json: str | Path, image_dir: str | Path) -> Annotations
     imgs = _require(data, "images", str(path))
     anns = _require(data, "annotations", str(path))
     cat_list = sorted(
-        ((int(_require(c, "id", f"{path}: categories[{i}]")), str(_require(c, "name", f"{path}: categories[{i}]")))
-         for i, c in enumerate(cats)),
-    )  # fmt: skip
+        (
+            (
+                int(_require(c, "id", f"{path}: categories[{i}]")),
+                str(_require(c, "name", f"{path}: categories[{i}]")),
+            )
+            for i, c in enumerate(cats)
+        ),
+    )
     ids_seen: dict[int, str] = {}
     for cid, name in cat_list:
         if cid in ids_seen:  # one id, two classes: annotations could not tell them apart

@@ -366,8 +366,9 @@ class MultiScaleCrop(torch.nn.Module):
         ]
         crop_h, crop_w = pairs[int(torch.randint(len(pairs), ()))]
         h_step, w_step = (height - crop_h) // 4, (width - crop_w) // 4
-        grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2),
-                (1, 1), (1, 3), (3, 1), (3, 3)]  # fmt: skip  # (row, column) in quarter steps
+        # (row, column) in quarter steps: corners, centre, edge midpoints, inner quarters
+        grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]
+        grid += [(2, 0), (2, 4), (4, 2), (0, 2), (1, 1), (1, 3), (3, 1), (3, 3)]
         row, col = grid[int(torch.randint(len(grid), ()))]
         return row * h_step, col * w_step, crop_h, crop_w
 

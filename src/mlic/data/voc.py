@@ -19,10 +19,27 @@ from mlic.files import MAX_ANNOTATION_BYTES, read_regular_bytes, read_regular_te
 __all__ = ["VOC_CLASSES", "load_voc", "parse_voc_xml"]
 
 VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-]  # fmt: skip
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 
 def parse_voc_xml(path: Path) -> tuple[str | None, list[tuple[str, bool, int]]]:

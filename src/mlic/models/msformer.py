@@ -195,6 +195,39 @@ def _self_attention_layers(setting: bool | str, num_decoders: int) -> list[bool]
     ]
 
 
+def _check_options(
+    branches: Sequence[str],
+    scale_fusion: str,
+    interpolation: str,
+    classifier: str,
+    num_encoders: int,
+    num_decoders: int,
+) -> tuple[str, ...]:
+    """The ablation switches checked (ConfigError naming the option); the branches in
+    :data:`BRANCHES` order, largest map first."""
+    branches = tuple(branches)
+    if (
+        not branches
+        or any(b not in BRANCHES for b in branches)
+        or len(set(branches)) < len(branches)
+    ):
+        raise ConfigError(f"branches={list(branches)}: a non-empty subset of {list(BRANCHES)}")
+    if scale_fusion not in SCALE_FUSION_MODES:
+        raise ConfigError(f"scale_fusion={scale_fusion!r} is not one of {list(SCALE_FUSION_MODES)}")
+    if interpolation not in INTERPOLATION_MODES:
+        raise ConfigError(
+            f"interpolation={interpolation!r} is not one of {list(INTERPOLATION_MODES)}"
+        )
+    if classifier not in CLASSIFIERS:
+        raise ConfigError(f"classifier={classifier!r} is not one of {list(CLASSIFIERS)}")
+    if num_encoders < 0 or num_decoders < 1:
+        raise ConfigError(
+            f"need num_encoders >= 0 and num_decoders >= 1 (the label queries are the "
+            f"decoders' output), got {num_encoders} and {num_decoders}"
+        )
+    return tuple(b for b in BRANCHES if b in branches)
+
+
 class MSFormer(MultiLabelModel):
     """Three scales -> hierarchical scale attention -> shared encoders/decoders -> per-class linear.
 
@@ -241,36 +274,42 @@ class MSFormer(MultiLabelModel):
         ``("x1", "x2", "x3")`` (Table 5; ``("x2",)`` is the layer4-only baseline),
         ``region_selection=False`` (Table 4), ``scale_fusion="none"``, ``num_encoders=0``."""
         super().__init__(num_classes, backbone, pretrained, (-2, -1), drop_path_rate)
-        branches = tuple(branches)
-        if (
-            not branches
-            or any(b not in BRANCHES for b in branches)
-            or len(set(branches)) < len(branches)
-        ):
-            raise ConfigError(f"branches={list(branches)}: a non-empty subset of {list(BRANCHES)}")
-        branches = tuple(b for b in BRANCHES if b in branches)  # largest map first
-        if scale_fusion not in SCALE_FUSION_MODES:
-            raise ConfigError(
-                f"scale_fusion={scale_fusion!r} is not one of {list(SCALE_FUSION_MODES)}"
-            )
-        if interpolation not in INTERPOLATION_MODES:
-            raise ConfigError(
-                f"interpolation={interpolation!r} is not one of {list(INTERPOLATION_MODES)}"
-            )
-        if classifier not in CLASSIFIERS:
-            raise ConfigError(f"classifier={classifier!r} is not one of {list(CLASSIFIERS)}")
-        if num_encoders < 0 or num_decoders < 1:
-            raise ConfigError(
-                f"need num_encoders >= 0 and num_decoders >= 1 (the label queries are the "
-                f"decoders' output), got {num_encoders} and {num_decoders}"
-            )
-        c3, c4 = self.backbone.channels  # layer3, layer4 channels
-        s3, s4 = self.backbone.strides
+        self.branches = _check_options(
+            branches, scale_fusion, interpolation, classifier, num_encoders, num_decoders
+        )
         self.d_model = d_model
         self.interpolation = interpolation
+        self._build_branches(pos_image_size, scale_fusion, scale_gate_init)
+        # Sections 3.4-3.5: one encoder stack, one decoder stack, one label-query set, shared
+        layer = dict(
+            num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, attn_dropout=attn_dropout
+        )
+        self.encoders = nn.ModuleList(
+            [TransformerEncoderLayer(d_model, **layer) for _ in range(num_encoders)]
+        )
+        self.region_selection = region_selection
+        self.decoders = nn.ModuleList(
+            []
+            if not region_selection
+            else [
+                LabelQueryDecoderLayer(d_model, self_attention=sa, **layer)
+                for sa in _self_attention_layers(decoder_self_attention, num_decoders)
+            ]
+        )
+        # learnable label embeddings (the paper uses no word vectors)
+        self.label_embed = (
+            LabelEmbedding(num_classes, None, d_model, learnable=True) if region_selection else None
+        )
+        self._build_classifier(classifier)
+        self._reset_parameters()
 
-        # Eq. 1: one convolution per branch; (backbone map index, conv) pairs
-        self.branches = branches
+    def _build_branches(
+        self, pos_image_size: int | None, scale_fusion: str, scale_gate_init: float | None
+    ) -> None:
+        """Eq. 1's convolution per branch, the scale attention and Eq. 6's positional encodings."""
+        c3, c4 = self.backbone.channels  # layer3, layer4 channels
+        s3, s4 = self.backbone.strides
+        d_model, branches = self.d_model, self.branches
         size = pos_image_size or self.default_image_size
         h2 = _grid(size, s4)
         spec = {  # branch -> (backbone map, conv, grid at pos_image_size): 28, 14, 7 at 448 px
@@ -287,54 +326,25 @@ class MSFormer(MultiLabelModel):
         # a single branch has no other scale to fuse with
         fuse = scale_fusion == "hierarchical" and len(branches) > 1
         self.scale_attention = (
-            HierarchicalScaleAttention(interpolation, scale_gate_init) if fuse else None
+            HierarchicalScaleAttention(self.interpolation, scale_gate_init) if fuse else None
         )
-
         # Eq. 6: learnable positional encodings sized for the default input
         grids = [spec[b][2] for b in branches]
         self.pos_embed = nn.ParameterList(
             [nn.Parameter(torch.zeros(1, d_model, g, g)) for g in grids]
         )
 
-        # Sections 3.4-3.5: one encoder stack, one decoder stack, one label-query set, shared
-        self.encoders = nn.ModuleList(
-            [
-                TransformerEncoderLayer(d_model, num_heads, ffn_dim, dropout, attn_dropout)
-                for _ in range(num_encoders)
-            ]
-        )
-        self.region_selection = region_selection
-        self.decoders = nn.ModuleList(
-            []
-            if not region_selection
-            else [
-                LabelQueryDecoderLayer(
-                    d_model,
-                    num_heads,
-                    ffn_dim,
-                    dropout,
-                    self_attention=sa,
-                    attn_dropout=attn_dropout,
-                )
-                for sa in _self_attention_layers(decoder_self_attention, num_decoders)
-            ]
-        )
-        # learnable label embeddings (the paper uses no word vectors)
-        self.label_embed = (
-            LabelEmbedding(num_classes, None, d_model, learnable=True) if region_selection else None
-        )
-
-        # Section 3.6: Z [C, 3d] -> one score per class
-        z_dim = len(self.branch_convs) * d_model
+    def _build_classifier(self, classifier: str) -> None:
+        """Section 3.6: Z [C, n * d] -> one score per class (per-class weights or one shared fc)."""
+        z_dim = len(self.branch_convs) * self.d_model
         if classifier == "per_class":
-            self.class_weight = nn.Parameter(torch.zeros(num_classes, z_dim))
-            self.class_bias = nn.Parameter(torch.zeros(num_classes))
+            self.class_weight = nn.Parameter(torch.zeros(self.num_classes, z_dim))
+            self.class_bias = nn.Parameter(torch.zeros(self.num_classes))
             self.shared_fc = None
         else:
             self.class_weight = None
             self.class_bias = None
             self.shared_fc = nn.Linear(z_dim, 1)
-        self._reset_parameters()
 
     def _reset_parameters(self) -> None:
         for stack in (self.encoders, self.decoders):
