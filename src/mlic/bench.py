@@ -114,9 +114,7 @@ def matmul_peaks(
 
     ``blas``: ``torch.matmul`` (cuBLAS on CUDA, MKL/OpenBLAS on CPU). On CPU also
     ``onednn``: the same product through oneDNN, the way :func:`mlic.models._layers.linear`
-    runs it. They differ a lot on AMD CPUs, where MKL takes its AVX2 path while oneDNN (which
-    also runs every convolution) uses AVX-512: ~215 vs ~500 GFLOP/s on the 2-vCPU Zen 5
-    machine of ``benchmarks/BENCHMARKS.md``.
+    runs it; the two differ a lot on AMD CPUs (BENCHMARKS.md section 5).
     """
     from mlic.models._layers import linear
 

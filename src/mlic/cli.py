@@ -1,4 +1,4 @@
-"""The ``mlic`` command line: demo, train, eval, models (and the commands added per issue).
+"""The ``mlic`` command line: demo, train, eval, predict, serve, export, data, push, bench, models.
 
 Every user-facing failure is an :class:`~mlic.errors.MlicError` printed as one line
 ``mlic: error: ...`` with exit code 2; tracebacks are for bugs only.

@@ -175,10 +175,8 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
         groups = model.param_groups(o.lr, o.backbone_lr_mult, o.weight_decay, o.decay_norm_and_bias)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    # the fused kernels (CUDA, and CPU since torch 2.4): one vectorised pass over each
-    # parameter instead of ~10 elementwise ops; AdamW measured 9.6x faster on the CPU of
-    # benchmarks/BENCHMARKS.md section 10 (103 M parameters: 43 vs 414 ms per step), the
-    # same update to 6e-8 (tested); the state dict is the same, so runs resume across them
+    # the fused kernels (CUDA, and CPU since torch 2.4): one vectorised pass per parameter,
+    # the same update (tested) and state dict, much faster on CPU (BENCHMARKS.md 10.1)
     fused = device.type in ("cuda", "cpu")
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, fused=fused)

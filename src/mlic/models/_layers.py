@@ -43,15 +43,11 @@ def _onednn_linear_applies(x: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` that on CPU runs large fp32 matmuls through oneDNN instead of BLAS.
 
-    PyTorch's CPU ``F.linear``/``matmul`` call MKL, which takes its AVX2 path on AMD CPUs,
-    while oneDNN (PyTorch's convolution engine) uses AVX-512 there: on the 2-vCPU Zen 5
-    machine of ``benchmarks/BENCHMARKS.md`` a fp32 matmul runs at ~215 GFLOP/s through MKL
-    and ~420-520 GFLOP/s through oneDNN. The rows ``[N, D_in]`` are viewed (no copy) as a
-    channels_last image ``[1, D_in, 1, N]`` and multiplied by the weight as a 1x1
-    convolution, which is exactly the same product; backward runs through oneDNN too.
-    Elsewhere (GPU, other dtypes, few rows, TorchScript tracing, ``torch.export``/ONNX) it is
-    ``F.linear``. Under ``torch.compile`` the convolution stays (inductor keeps it as a
-    oneDNN call; the linear would become MKL's AVX2 GEMM again).
+    Why: PyTorch's CPU matmul calls MKL, which takes its AVX2 path on AMD CPUs, while oneDNN
+    (the convolution engine) uses AVX-512 there (BENCHMARKS.md section 5). The rows
+    ``[N, D_in]`` are viewed (no copy) as a channels_last image ``[1, D_in, 1, N]`` and
+    multiplied by the weight as a 1x1 convolution: the same product, backward included.
+    Elsewhere (GPU, other dtypes, few rows, tracing, ``torch.export``/ONNX) it is ``F.linear``.
     """
     if not _onednn_linear_applies(x):
         return nn.functional.linear(x, weight, bias)

@@ -43,9 +43,9 @@ Choices that are OURS (the paper is silent or ambiguous), and why:
   within 2 % of the paper's count (69.96 M vs 69.84 M).
 * Convolutions of Eq. 1 have a bias and no normalisation/activation (Eq. 1 shows none);
   dropout 0.1 on the residual branches and in the FFN (DETR/Q2L) but 0 on the attention
-  weights (``attn_dropout=0.0``, timm ViT's default): with it PyTorch's fused CPU
-  flash-attention kernel runs, measured 3.5x faster fwd+bwd than the math path that
-  attention dropout forces (``attn_dropout=0.1`` gives DETR's setting); Xavier-uniform init
+  weights (``attn_dropout=0.0``, timm ViT's default), so that PyTorch's fused CPU
+  flash-attention kernel runs (BENCHMARKS.md section 5; ``attn_dropout=0.1`` gives DETR's
+  setting); Xavier-uniform init
   of the Transformer weights (DETR/Q2L); positional encodings init N(0, 0.02) truncated
   (ViT); label embeddings N(0, 0.1); a zero-initialised classifier (ViT's head init), so
   that early Adam steps do not throw the post-norm Transformer around through random
@@ -73,15 +73,12 @@ Choices that are OURS (the paper is silent or ambiguous), and why:
   layer4-only baseline (``("x2",)``, the 1x1 conv of layer4) but shows Modes 1-2 only in a
   table image; OUR reading is Mode 1 = ``("x1", "x2")`` (layer3 + layer4, no coarse map) and
   Mode 2 = ``("x2", "x3")`` (layer4's two scales). Scale attention needs two branches or more.
-* Learning quality (measured, ``benchmarks/BENCHMARKS.md`` "Real photographs"): the scale
-  product ``m = x1 * x2 * x3`` of Eq. 3 multiplies three unnormalised convolution outputs
-  (std 3.9, 1.6 and 1.4 on ImageNet EfficientNet-Lite0 features of real VOC photos), so ``m``
-  is heavy-tailed and, added at full weight, dominates every branch (std 6-9 after Eq. 4).
-  Training the head alone on frozen features of real photos for 150 steps: mAP 52.0 with the
-  paper's fusion, 77.4 with ``scale_fusion="none"``, 69.8 for a linear head. OURS: ``m`` is
-  added as ``gamma * m`` with a learnable scalar ``gamma`` that starts at 0
-  (``scale_gate_init=0.0``), so the fusion starts as the identity and grows as it helps;
-  ``scale_gate_init=None`` is the paper's fixed weight 1.
+* The scale product ``m = x1 * x2 * x3`` of Eq. 3 multiplies three unnormalised convolution
+  outputs, so ``m`` is heavy-tailed and, added at full weight, dominates every branch and
+  held the head back on real photos (BENCHMARKS.md 9.2). OURS: ``m`` is added as
+  ``gamma * m`` with a learnable scalar ``gamma`` that starts at 0 (``scale_gate_init=0.0``),
+  so the fusion starts as the identity and grows as it helps; ``scale_gate_init=None`` is
+  the paper's fixed weight 1.
 * Input sizes other than 448: ``pos_image_size`` sizes the positional encodings (e.g. 576 for
   the 576 px COCO recipe, ``msformer_coco2014_576``).
 """
