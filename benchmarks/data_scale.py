@@ -144,10 +144,23 @@ def main() -> int:
             for name, res in (("files", res_files), ("shards", res_shards)):
                 for epoch, (secs, imgs) in enumerate(res, start=1):
                     rate = imgs / secs
-                    rows.append((("loader + step" if with_step else "loader"), name, workers,
-                                 epoch, imgs, secs, rate, rate / workers))  # fmt: skip
-                    print(f"  {rows[-1][0]:<13} {name:<6} workers={workers} epoch {epoch}: "
-                          f"{imgs} img in {secs:.2f} s = {rate:.0f} img/s", file=sys.stderr)  # fmt: skip
+                    rows.append(
+                        (
+                            ("loader + step" if with_step else "loader"),
+                            name,
+                            workers,
+                            epoch,
+                            imgs,
+                            secs,
+                            rate,
+                            rate / workers,
+                        )
+                    )
+                    print(
+                        f"  {rows[-1][0]:<13} {name:<6} workers={workers} epoch {epoch}: "
+                        f"{imgs} img in {secs:.2f} s = {rate:.0f} img/s",
+                        file=sys.stderr,
+                    )
     print("| what | source | workers | epoch | images | s | img/s per process | img/s per worker |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for what, name, workers, epoch, imgs, secs, rate, per_worker in rows:
@@ -155,8 +168,10 @@ def main() -> int:
             f"| {what} | {name} | {workers} | {epoch} | {imgs} | {secs:.2f} | {rate:.0f} | {per_worker:.0f} |"
         )
     padded = len(shard_ds) - n
-    print(f"\nShards: {len(shard_paths)} shards for 1 rank x {max(args.workers)} workers; "
-          f"an epoch reads {len(shard_ds)} samples ({padded} padding, {100 * padded / n:.1f} %).")  # fmt: skip
+    print(
+        f"\nShards: {len(shard_paths)} shards for 1 rank x {max(args.workers)} workers; "
+        f"an epoch reads {len(shard_ds)} samples ({padded} padding, {100 * padded / n:.1f} %)."
+    )
     print(
         f"Steps per epoch: files {math.ceil(n / args.batch)}, shards {len(shard_ds) // args.batch}."
     )

@@ -19,7 +19,7 @@ from real_voc import best_epoch as best_row  # same selection: model or EMA, bes
 from mlic.cli import resolve_config_path
 from mlic.config import load_config
 from mlic.engine.trainer import train
-from mlic.models.registry import list_models
+from mlic.models import list_models
 
 
 def main() -> None:
@@ -44,8 +44,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         tag = " (EMA)" if r["ema"] else ""
-        print(f"| {name} | {100 * r['mAP']:.2f} | {100 * r['CF1']:.2f} | {100 * r['OF1']:.2f} | "
-              f"{r['epoch']}{tag} | {r['s_per_epoch']:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {100 * r['mAP']:.2f} | {100 * r['CF1']:.2f} | {100 * r['OF1']:.2f} | "
+            f"{r['epoch']}{tag} | {r['s_per_epoch']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

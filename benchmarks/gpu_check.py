@@ -44,9 +44,13 @@ TRAIN_STEPS = 200
 def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
     """Run ``cmd``; its stdout, or RuntimeError with the tail of its output."""
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n{tail}")
@@ -78,9 +82,12 @@ def step_env(ctx: dict[str, Any], dry: bool) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise RuntimeError("torch sees no CUDA device")
     props = torch.cuda.get_device_properties(0)
-    out.update(gpu=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-               multiprocessors=props.multi_processor_count,
-               bf16=torch.cuda.is_bf16_supported())  # fmt: skip
+    out.update(
+        gpu=props.name,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        multiprocessors=props.multi_processor_count,
+        bf16=torch.cuda.is_bf16_supported(),
+    )
     if out["nvidia_smi"]:
         out["driver"] = _run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], 30
@@ -101,8 +108,23 @@ def step_gpu_tests(ctx: dict[str, Any], dry: bool) -> dict[str, Any]:
 
 
 def bench_argv(model: str, compile_: bool, batch: int, steps: int) -> list[str]:
-    argv = ["bench", model, "--backbone", "resnet101", "--image-size", "448", "--device", "cuda",
-            "--precision", "bf16", "--batch-size", str(batch), "--steps", str(steps), "--json"]  # fmt: skip
+    argv = [
+        "bench",
+        model,
+        "--backbone",
+        "resnet101",
+        "--image-size",
+        "448",
+        "--device",
+        "cuda",
+        "--precision",
+        "bf16",
+        "--batch-size",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--json",
+    ]
     return [*argv, "--compile"] if compile_ else argv
 
 
@@ -111,13 +133,14 @@ def step_bench(ctx: dict[str, Any], dry: bool) -> dict[str, Any]:
     if dry:
         from mlic.bench import random_labelset
         from mlic.cli import build_parser
-        from mlic.models.registry import create_model
+        from mlic.models import create_model
 
         parser = build_parser()
         for m, c in runs:
             args = parser.parse_args(bench_argv(m, c, ctx["batch"], ctx["steps"]))
-            create_model(args.model, 80, labels=random_labelset(80), backbone=args.backbone,
-                         pretrained=False)  # on the CPU: every layer of the benched model  # fmt: skip
+            create_model(
+                args.model, 80, labels=random_labelset(80), backbone=args.backbone, pretrained=False
+            )  # on the CPU: every layer of the benched model
         return {"runs": [f"{m}{' compiled' if c else ''}" for m, c in runs]}
     results = []
     for m, c in runs:
@@ -146,14 +169,26 @@ def train_overrides(ctx: dict[str, Any], run_dir: Path) -> list[str]:
     """msformer's paper recipe at 448 px for exactly TRAIN_STEPS steps on the chosen data."""
     epochs = 20
     return [
-        "data.format=voc", f"data.root={ctx['voc']}", "data.train=train", "data.val=val",
-        "data.image_size=448", "data.batch_size=32", "data.workers=8", "data.gpu_decode=true",
-        f"model.pretrained={str(ctx['pretrained']).lower()}", "train.device=cuda",
-        "train.amp=auto", f"train.epochs={epochs}",
-        f"train.max_steps_per_epoch={TRAIN_STEPS // epochs}", f"train.eval_every={epochs}",
-        f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", "run.progress=false",
-        "run.tensorboard=false", "run.overwrite=true",
-    ]  # fmt: skip
+        "data.format=voc",
+        f"data.root={ctx['voc']}",
+        "data.train=train",
+        "data.val=val",
+        "data.image_size=448",
+        "data.batch_size=32",
+        "data.workers=8",
+        "data.gpu_decode=true",
+        f"model.pretrained={str(ctx['pretrained']).lower()}",
+        "train.device=cuda",
+        "train.amp=auto",
+        f"train.epochs={epochs}",
+        f"train.max_steps_per_epoch={TRAIN_STEPS // epochs}",
+        f"train.eval_every={epochs}",
+        f"run.output_dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
+        "run.progress=false",
+        "run.tensorboard=false",
+        "run.overwrite=true",
+    ]
 
 
 def step_train(ctx: dict[str, Any], dry: bool) -> dict[str, Any]:
@@ -180,11 +215,16 @@ def step_train(ctx: dict[str, Any], dry: bool) -> dict[str, Any]:
         rows = list(csv.DictReader(f))
     train_s = sum(float(r["epoch_time_s"]) for r in rows)
     steps = cfg.train.epochs * cfg.train.max_steps_per_epoch
-    return {**out, "steps": steps, "s_per_step": train_s / steps,
-            "train_images_per_s": steps * cfg.data.batch_size / train_s,
-            "first_epoch_loss": float(rows[0]["train_loss"]),
-            "last_epoch_loss": float(rows[-1]["train_loss"]),
-            "val_mAP": max(float(r["mAP"]) for r in rows if r.get("mAP")), "wall_s": wall}  # fmt: skip
+    return {
+        **out,
+        "steps": steps,
+        "s_per_step": train_s / steps,
+        "train_images_per_s": steps * cfg.data.batch_size / train_s,
+        "first_epoch_loss": float(rows[0]["train_loss"]),
+        "last_epoch_loss": float(rows[-1]["train_loss"]),
+        "val_mAP": max(float(r["mAP"]) for r in rows if r.get("mAP")),
+        "wall_s": wall,
+    }
 
 
 STEPS: list[tuple[str, Callable[[dict[str, Any], bool], dict[str, Any]]]] = [
@@ -199,8 +239,12 @@ STEPS: list[tuple[str, Callable[[dict[str, Any], bool], dict[str, Any]]]] = [
 # ----------------------------------------------------------------------------- report
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown page: one line per step, then the bench table."""
-    lines = [f"# mlic GPU check ({'dry run' if report['dry_run'] else 'run'}, {report['date']})",
-             "", "| step | status | seconds | result |", "|---|---|---:|---|"]  # fmt: skip
+    lines = [
+        f"# mlic GPU check ({'dry run' if report['dry_run'] else 'run'}, {report['date']})",
+        "",
+        "| step | status | seconds | result |",
+        "|---|---|---:|---|",
+    ]
     for s in report["steps"]:
         res = s.get("error") or {k: v for k, v in s.get("result", {}).items() if k != "runs"}
         text = str(res).replace("|", "/").replace("\n", " ")[:300]
@@ -208,8 +252,12 @@ def markdown(report: dict[str, Any]) -> str:
     bench = next((s for s in report["steps"] if s["name"] == "bench"), {})
     runs = [r for r in bench.get("result", {}).get("runs", []) if isinstance(r, dict)]
     if runs:
-        lines += ["", "| model | compile | train img/s | infer img/s | peak MiB | train util | "
-                  "infer util | bf16 peak TFLOP/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "| model | compile | train img/s | infer img/s | peak MiB | train util | "
+            "infer util | bf16 peak TFLOP/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in runs:
             lines.append(
                 f"| {r['model']} | {r['compile']} | {r['train_images_per_s']:.0f} | "
@@ -226,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="every step up to its first CUDA call")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-check"))
     ap.add_argument("--voc-root", help="VOC2007 folder (default: ../shared/realdata's subset)")
-    ap.add_argument("--pretrained", action="store_true",
-                    help="ImageNet weights for the training step (needs them cached or online)")  # fmt: skip
+    ap.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="ImageNet weights for the training step (needs them cached or online)",
+    )
     ap.add_argument("--batch-size", type=int, default=64, help="bench batch")
     ap.add_argument("--steps", type=int, default=20, help="bench timed steps")
     args = ap.parse_args(argv)
@@ -238,10 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         from mlic.data.demo import ensure_demo
 
         voc = ensure_demo(out / "demo-data", num_train=400, num_val=100, image_size=448)
-    ctx = {"out": out, "voc": voc, "voc_source": source, "pretrained": args.pretrained,
-           "batch": args.batch_size, "steps": args.steps}  # fmt: skip
-    report: dict[str, Any] = {"dry_run": args.dry_run, "date": time.strftime("%Y-%m-%d %H:%M"),
-                              "steps": []}  # fmt: skip
+    ctx = {
+        "out": out,
+        "voc": voc,
+        "voc_source": source,
+        "pretrained": args.pretrained,
+        "batch": args.batch_size,
+        "steps": args.steps,
+    }
+    report: dict[str, Any] = {
+        "dry_run": args.dry_run,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "steps": [],
+    }
     for name, fn in STEPS:
         print(f"[gpu-check] {name}{' (dry run)' if args.dry_run else ''} ...", flush=True)
         t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from mlic.data.voc import load_voc
 from mlic.engine.trainer import build_scheduler
 from mlic.losses import build_loss
 from mlic.metrics import average_precision_per_class
-from mlic.models.registry import create_model
+from mlic.models import create_model
 
 DEFAULT_ROOT = (
     Path(__file__).resolve().parents[1].parent
@@ -137,12 +137,21 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             t0 = time.perf_counter()
             torch.manual_seed(seed)
-            model = create_model(name, len(labels.names), labels=labels, backbone=args.backbone,
-                                 pretrained=True, **kwargs)  # fmt: skip
+            model = create_model(
+                name,
+                len(labels.names),
+                labels=labels,
+                backbone=args.backbone,
+                pretrained=True,
+                **kwargs,
+            )
             xtr, xva = maps_for(model, train_ann, val_ann, args, cache)
             mAP, loss, logit = train_head(model, (xtr, ytr), (xva, yva), args, seed)
-            print(f"{name} {args.kwargs or ''} seed {seed}: mAP {mAP:.1f}  loss {loss:.3f}  "
-                  f"|logit| {logit:.2f}  ({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+            print(
+                f"{name} {args.kwargs or ''} seed {seed}: mAP {mAP:.1f}  loss {loss:.3f}  "
+                f"|logit| {logit:.2f}  ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

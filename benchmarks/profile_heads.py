@@ -24,9 +24,9 @@ from torch.profiler import ProfilerActivity, profile
 from mlic.bench import forward_flops, random_labelset
 from mlic.cli import resolve_config_path
 from mlic.config import load_config
-from mlic.engine.host import retain_freed_memory
+from mlic.host import retain_freed_memory
 from mlic.losses import build_loss
-from mlic.models.registry import create_model
+from mlic.models import create_model
 
 
 def _cpu_seconds() -> float:
@@ -41,16 +41,29 @@ def recipe_kwargs(name: str, recipe: str = "demo") -> dict:
 
 
 def profile_model(
-    name: str, backbone: str, image_size: int, batch: int, steps: int, warmup: int, top: int,
-    num_classes: int = 20, kwargs: dict | None = None, bf16: bool = False, fused: bool = True,
-) -> dict:  # fmt: skip
+    name: str,
+    backbone: str,
+    image_size: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    top: int,
+    num_classes: int = 20,
+    kwargs: dict | None = None,
+    bf16: bool = False,
+    fused: bool = True,
+) -> dict:
     """Step time, thread use and the top operators of one model's training step."""
     retain_freed_memory()  # as mlic train and mlic bench run
     torch.manual_seed(0)
     model = create_model(
-        name, num_classes, labels=random_labelset(num_classes), backbone=backbone,
-        pretrained=False, **(kwargs or {}),
-    )  # fmt: skip
+        name,
+        num_classes,
+        labels=random_labelset(num_classes),
+        backbone=backbone,
+        pretrained=False,
+        **(kwargs or {}),
+    )
     gflops = forward_flops(model, image_size) / 1e9  # per image, forward
     model.train().to(memory_format=torch.channels_last)  # as the trainer runs it
     if steps == 0:  # FLOPs only
@@ -105,15 +118,24 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.amp=bf16)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.backbone}, "
-          f"{args.image_size} px, batch {args.batch_size}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.backbone}, "
+        f"{args.image_size} px, batch {args.batch_size}"
+    )
     results = []
     for name in args.models.split(","):
         r = profile_model(
-            name, args.backbone, args.image_size, args.batch_size, args.steps, args.warmup,
-            args.top, kwargs=recipe_kwargs(name, args.recipe), bf16=args.bf16,
+            name,
+            args.backbone,
+            args.image_size,
+            args.batch_size,
+            args.steps,
+            args.warmup,
+            args.top,
+            kwargs=recipe_kwargs(name, args.recipe),
+            bf16=args.bf16,
             fused=not args.unfused,
-        )  # fmt: skip
+        )
         results.append(r)
         base = next((q for q in results if q["model"] == "baseline"), None)
         flops = f"{r['gflops']:.1f} GFLOPs/img fwd"
@@ -123,8 +145,10 @@ def main() -> None:
             print(f"{name}: {flops}")
             continue
         ratio = f"  {r['step_s'] / base['step_s']:.2f}x baseline" if base else ""
-        print(f"\n{name}: {r['step_s'] * 1000:.0f} ms/step{ratio}, "
-              f"{r['threads_used']:.2f} threads busy, {flops}")  # fmt: skip
+        print(
+            f"\n{name}: {r['step_s'] * 1000:.0f} ms/step{ratio}, "
+            f"{r['threads_used']:.2f} threads busy, {flops}"
+        )
         for op in r["top_ops"]:
             print(f"  {100 * op['share']:5.1f}%  {op['calls']:5d}  {op['op']}")
     if args.json:

@@ -130,8 +130,10 @@ def table(results: dict[str, list[dict[str, float]]], timing_seed: int | None = 
         timed = [r for r in runs if timing_seed is not None and r.get("seed") == timing_seed]
         secs = summarise([r["s_per_epoch"] for r in (timed or runs)])[0]
         cells = [cell(runs, k) for k in METRICS]
-        lines.append(f"| {model} | {' | '.join(cells)} | {secs:.0f} | {runs[0]['params_m']:.2f} | "
-                     f"{len(runs)} |")  # fmt: skip
+        lines.append(
+            f"| {model} | {' | '.join(cells)} | {secs:.0f} | {runs[0]['params_m']:.2f} | "
+            f"{len(runs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -146,8 +148,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/real-voc")
     ap.add_argument("--json", help="also write every run's result here")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
-    ap.add_argument("--timing-seed", type=int,
-                    help="s/epoch from this seed's runs only (e.g. the ones run alone)")  # fmt: skip
+    ap.add_argument(
+        "--timing-seed",
+        type=int,
+        help="s/epoch from this seed's runs only (e.g. the ones run alone)",
+    )
     ap.add_argument(
         "--report-only", action="store_true", help="tabulate the finished runs, train nothing"
     )
@@ -159,8 +164,11 @@ def main() -> None:
     else:
         out = subprocess.run(
             [sys.executable, "-c", "import mlic; print(','.join(mlic.list_models()))"],
-            capture_output=True, text=True, check=True, env=os.environ,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            env=os.environ,
+        )
         models = out.stdout.strip().split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(m, s) for s in seeds for m in models]  # seed-major: every model once first
@@ -177,8 +185,11 @@ def main() -> None:
         print(f"[{i + 1}/{len(jobs)}] {model} seed {seed}{eta}", flush=True)
         r = {**run_one(model, seed, args), "seed": seed}
         results.setdefault(model, []).append(r)
-        print(f"    mAP {100 * r['mAP']:.2f}  CF1 {100 * r['CF1']:.2f}  "
-              f"{r['s_per_epoch']:.0f} s/epoch", flush=True)  # fmt: skip
+        print(
+            f"    mAP {100 * r['mAP']:.2f}  CF1 {100 * r['CF1']:.2f}  "
+            f"{r['s_per_epoch']:.0f} s/epoch",
+            flush=True,
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
     print()

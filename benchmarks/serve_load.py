@@ -51,8 +51,17 @@ def make_images(out: Path, n: int) -> list[Path]:
     """``n`` JPEGs cut from scikit-image's bundled photographs (real photos, ~400-500 px)."""
     import skimage.data
 
-    photos = [np.asarray(getattr(skimage.data, k)()) for k in
-              ("chelsea", "astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")]  # fmt: skip
+    photos = [
+        np.asarray(getattr(skimage.data, k)())
+        for k in (
+            "chelsea",
+            "astronaut",
+            "coffee",
+            "rocket",
+            "hubble_deep_field",
+            "immunohistochemistry",
+        )
+    ]
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
@@ -81,8 +90,9 @@ def make_model(
     # initialised network fills its activations with denormal floats, which are 10-50x
     # slower on CPUs and would measure the FPU, not the server.
     model = mlic.create_model("baseline", classes, backbone=backbone, pretrained=True).eval()
-    ckpt = mlic.save_checkpoint(model, out / "model.safetensors", labels.names,
-                                input_size=[3, size, size])  # fmt: skip
+    ckpt = mlic.save_checkpoint(
+        model, out / "model.safetensors", labels.names, input_size=[3, size, size]
+    )
     onnx = out / "model.onnx"
     if export:
         export_checkpoint(ckpt, onnx, format="onnx")
@@ -135,9 +145,24 @@ def start_server(
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "mlic", "serve", str(target), "--backend", backend, "--port",
-           str(port), "--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms),
-           "--max-queue", str(queue), *(["--threads", str(threads)] if threads else [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlic",
+        "serve",
+        str(target),
+        "--backend",
+        backend,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(batch),
+        "--max-wait-ms",
+        str(wait_ms),
+        "--max-queue",
+        str(queue),
+        *(["--threads", str(threads)] if threads else []),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -390,8 +415,10 @@ def predict_reference(
         torch.set_num_threads(threads)
 
     out = {}
-    for name, predictor in (("torch", Predictor.from_checkpoint(ckpt)),
-                            ("onnxruntime", OnnxPredictor.from_checkpoint(onnx, threads=threads))):  # fmt: skip
+    for name, predictor in (
+        ("torch", Predictor.from_checkpoint(ckpt)),
+        ("onnxruntime", OnnxPredictor.from_checkpoint(onnx, threads=threads)),
+    ):
         files = [str(p) for p in paths]
         run_predict(predictor, files[:16], batch_size=16, progress=False)  # warm-up
         times = []
@@ -442,9 +469,13 @@ def main() -> None:
     if args.mixed_s > 0:
         run_mixed(args, tmp, ckpt, payloads)
         return
-    results: dict[str, Any] = {"runs": [], "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                               "machine": platform.processor() or platform.machine(),
-                               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    results: dict[str, Any] = {
+        "runs": [],
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     results["loadavg_start"] = os.getloadavg()[0]
     results["threads"] = args.threads
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -475,8 +506,11 @@ def main() -> None:
                         )
                         done, errors = done + run["requests"], errors + run["errors"]
                         samples.append(tree_memory_mb(proc.pid) | {"after_requests": done})
-                    results.setdefault("memory", {})[backend] = {"samples": samples, "requests": done,
-                                                                 "errors": errors}  # fmt: skip
+                    results.setdefault("memory", {})[backend] = {
+                        "samples": samples,
+                        "requests": done,
+                        "errors": errors,
+                    }
                     print(json.dumps(results["memory"][backend]), flush=True)
             finally:
                 proc.terminate()
@@ -486,8 +520,11 @@ def main() -> None:
     print(json.dumps(results["predict_img_per_s"]), flush=True)
 
     def best(backend: str, batching: bool, c: int) -> float:
-        return next(r["img_per_s"] for r in results["runs"]
-                    if r["backend"] == backend and r["batching"] == batching and r["concurrency"] == c)  # fmt: skip
+        return next(
+            r["img_per_s"]
+            for r in results["runs"]
+            if r["backend"] == backend and r["batching"] == batching and r["concurrency"] == c
+        )
 
     top = max(levels)
     results["ratios"] = {}
@@ -504,8 +541,10 @@ def main() -> None:
     print("\n| backend | batching | concurrency | img/s | p50 ms | p95 ms | p99 ms | errors |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results["runs"]:
-        print(f"| {r['backend']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | "
-              f"{r['img_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} |")  # fmt: skip
+        print(
+            f"| {r['backend']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | "
+            f"{r['img_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

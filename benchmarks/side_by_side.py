@@ -98,7 +98,9 @@ def timed(fn, *args) -> tuple[float, object]:
 def pipeline(side: str, s: int):
     """path -> normalised float [3, s, s]: the reference's or mlic's training pipeline."""
     if side == "ref":
-        tf = T.Compose([T.Resize((s, s)), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])  # fmt: skip
+        tf = T.Compose(
+            [T.Resize((s, s)), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
+        )
         return lambda p: tf(Image.open(p).convert("RGB"))
     tf = build_transform(s, MEAN, STD, train=True, randaugment=False)
     return lambda p: tf(decode_image(p, draft_size=s))
@@ -119,11 +121,11 @@ def train_rate(
     side: str, ckpt: Path, files: list[Path], targets: torch.Tensor, s: int, batch: int
 ) -> float:
     """Images/s of one epoch (decode + augment + step, inline) after one untimed step."""
-    from mlic.models import layers
+    from mlic.models import _layers as layers
 
     fast = side == "mlic"
     if fast:
-        from mlic.engine.host import retain_freed_memory
+        from mlic.host import retain_freed_memory
 
         retain_freed_memory()
     else:
@@ -217,7 +219,7 @@ def main() -> None:
     # --- inference: eager fp32 vs ONNX Runtime fp32 / int8, and the mAP change. Eager runs
     # as `mlic predict` runs it, freed memory kept (without, it is ~2x slower in a fresh
     # process): the ratio is to eager PyTorch at its best, not to a cold process.
-    from mlic.engine.host import retain_freed_memory
+    from mlic.host import retain_freed_memory
 
     retain_freed_memory()
     onnx = export_checkpoint(ckpt, tmp / "model.onnx").path
@@ -248,7 +250,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     for key, label in (("fp32", "ORT fp32"), ("int8", "ORT int8")):
         ratios = [a / b for a, b in zip(times[key], times["eager"], strict=True)]
-        rows.append((f"inference batch 16, img/s (eager fp32 vs {label})", med["eager"], med[key], ratios))  # fmt: skip
+        rows.append(
+            (f"inference batch 16, img/s (eager fp32 vs {label})", med["eager"], med[key], ratios)
+        )
     map_e = np.nanmean(average_precision_per_class(outputs["eager"], val_ann.targets))
     map_q = np.nanmean(average_precision_per_class(outputs["int8"], val_ann.targets))
 
@@ -276,8 +280,10 @@ def report(rows: list, trained: str | None, map_e: float, map_q: float, n: int) 
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""
         print(f"| {name} | {ref:.3g} | {fast:.3g} | **{fast / ref:.2f}x** | {spread} |")
     if trained:
-        print(f"\nint8 mAP on the {n} demo val images: fp32 {100 * map_e:.2f} -> int8 {100 * map_q:.2f} "
-              f"({100 * (map_q - map_e):+.2f} points)")  # fmt: skip
+        print(
+            f"\nint8 mAP on the {n} demo val images: fp32 {100 * map_e:.2f} -> int8 {100 * map_q:.2f} "
+            f"({100 * (map_q - map_e):+.2f} points)"
+        )
 
 
 if __name__ == "__main__":

@@ -117,8 +117,15 @@ def make_coco(
                 {"id": len(anns) + 1, "image_id": 1000 + i, "category_id": c, "bbox": [0, 0, 5, 5]}
             )
     path = root / "instances_train2014.json"
-    path.write_text(json.dumps({"images": imgs, "annotations": anns,
-                                "categories": [{"id": c, "name": n} for c, n in categories]}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "images": imgs,
+                "annotations": anns,
+                "categories": [{"id": c, "name": n} for c, n in categories],
+            }
+        )
+    )
     return path, img_dir
 
 

@@ -128,7 +128,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     require_serve_extra()
     root = tmp_path_factory.mktemp("serve")
     ckpt = make_checkpoint(root / "model.safetensors")
-    server = start_server(ckpt, "--max-batch-size", "8", "--max-wait-ms", "200",
-                          "--max-images", "8", "--max-upload-mb", "1")  # fmt: skip
+    server = start_server(
+        ckpt,
+        "--max-batch-size",
+        "8",
+        "--max-wait-ms",
+        "200",
+        "--max-images",
+        "8",
+        "--max-upload-mb",
+        "1",
+    )
     yield server
     server.stop()

@@ -47,13 +47,38 @@ def test_forward_flops_counts_a_linear_exactly() -> None:
 def test_bench_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     for i in range(8):
         write_image(tmp_path / "jpgs" / f"{i}.jpg", i, size=96)
-    args = ["bench", "baseline", "--backbone", TINY_BACKBONE, "--image-size", "64", "--batch-size", "2",
-            "--steps", "2", "--num-classes", "5", "--data", str(tmp_path / "jpgs"), "--workers", "0", "--json"]  # fmt: skip
+    args = [
+        "bench",
+        "baseline",
+        "--backbone",
+        TINY_BACKBONE,
+        "--image-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--num-classes",
+        "5",
+        "--data",
+        str(tmp_path / "jpgs"),
+        "--workers",
+        "0",
+        "--json",
+    ]
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
-    for key in ("train_images_per_s", "inference_images_per_s", "latency_ms_batch1", "peak_memory_mb",
-                "forward_gflops_per_image", "matmul_peak_gflops", "train_flop_utilisation", "data_images_per_s",
-                "data_images_per_s_per_worker"):  # fmt: skip
+    for key in (
+        "train_images_per_s",
+        "inference_images_per_s",
+        "latency_ms_batch1",
+        "peak_memory_mb",
+        "forward_gflops_per_image",
+        "matmul_peak_gflops",
+        "train_flop_utilisation",
+        "data_images_per_s",
+        "data_images_per_s_per_worker",
+    ):
         assert r[key] > 0, key
     assert r["device"] == "cpu" and r["precision"] == "fp32"
     assert r["matmul_peak_gflops"] == max(
@@ -72,7 +97,7 @@ def test_bench_checks_its_data_folder_before_timing_the_model(
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before --data was checked")
 
-    monkeypatch.setattr("mlic.models.registry.create_model", no_model)
+    monkeypatch.setattr("mlic.models.create_model", no_model)
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "nowhere", tmp_path / "empty"):
         with pytest.raises(DataError, match=folder.name):

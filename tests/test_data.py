@@ -20,11 +20,16 @@ from mlic.errors import DataError
 
 
 def test_voc_reads_objects_and_difficult(tmp_path: Path) -> None:
-    voc = make_voc(tmp_path, {"trainval": [
-        [("cat", 0), ("dog", 1)],            # dog only difficult -> ignore
-        [("dog", 1), ("dog", 0), ("car", 0)],  # one non-difficult dog -> present
-        [("person", 0)],
-    ]})  # fmt: skip
+    voc = make_voc(
+        tmp_path,
+        {
+            "trainval": [
+                [("cat", 0), ("dog", 1)],  # dog only difficult -> ignore
+                [("dog", 1), ("dog", 0), ("car", 0)],  # one non-difficult dog -> present
+                [("person", 0)],
+            ]
+        },
+    )
     ann = load_voc(voc, "trainval")
     assert ann.names == VOC_CLASSES
     col = {n: i for i, n in enumerate(ann.names)}
@@ -215,7 +220,7 @@ def test_decode_batch_matches_the_pil_pipeline(tmp_path: Path) -> None:
 def test_uint8_batches_normalised_on_device_equal_the_float_pipeline(tiny_voc: Path) -> None:
     # what `mlic train` does (workers ship uint8, the training device normalises) must be
     # bit-identical to normalising every sample in the worker, augmentation and erasing included
-    from mlic.engine.trainer import uint8_batch_to_device
+    from mlic.engine.loaders import uint8_batch_to_device
 
     ann = load_voc(tiny_voc, "train")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

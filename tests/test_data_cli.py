@@ -22,10 +22,18 @@ NAMES = ["cat", "dog", "car"]
 def voc(tmp_path: Path) -> Path:
     """8 train + 4 val images: train image 1 truncated, train image 2 gone, one unlabelled."""
     splits = {
-        "train": [[("cat", 0), ("dog", 0)], [("dog", 0)], [("car", 0)], [("cat", 0)],
-                  [("dog", 0), ("car", 0)], [("cat", 0)], [], [("car", 0), ("cat", 0)]],
+        "train": [
+            [("cat", 0), ("dog", 0)],
+            [("dog", 0)],
+            [("car", 0)],
+            [("cat", 0)],
+            [("dog", 0), ("car", 0)],
+            [("cat", 0)],
+            [],
+            [("car", 0), ("cat", 0)],
+        ],
         "val": [[("cat", 0)], [("dog", 0)], [("car", 0)], [("cat", 0), ("dog", 0)]],
-    }  # fmt: skip
+    }
     root = make_voc(tmp_path / "data", splits, labels_txt=NAMES)
     return root
 
@@ -95,11 +103,20 @@ def test_data_stats_writes_markdown_and_plots(
 
 def _train_cfg(voc: Path, out: Path, **over: str):
     base = {
-        "data.format": "voc", "data.root": str(voc), "data.image_size": "32", "data.batch_size": "4",
-        "data.workers": "0", "model.backbone": TINY_BACKBONE, "model.pretrained": "false",
-        "train.epochs": "1", "train.ema": "false", "run.output_dir": str(out), "run.name": "r",
-        "run.progress": "false", "run.tensorboard": "false",
-    }  # fmt: skip
+        "data.format": "voc",
+        "data.root": str(voc),
+        "data.image_size": "32",
+        "data.batch_size": "4",
+        "data.workers": "0",
+        "model.backbone": TINY_BACKBONE,
+        "model.pretrained": "false",
+        "train.epochs": "1",
+        "train.ema": "false",
+        "run.output_dir": str(out),
+        "run.name": "r",
+        "run.progress": "false",
+        "run.tensorboard": "false",
+    }
     base.update(over)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
@@ -120,9 +137,17 @@ def test_train_stops_on_broken_images_or_skips_and_lists_them(
 
     with caplog.at_level(logging.INFO, logger="mlic"):
         # (no calibration hold-out: the label statistics below are of every image left)
-        result = train(_train_cfg(voc, tmp_path / "runs", **{"data.image_check": "full",
-                                                             "data.skip_bad_images": "true",
-                                                             "data.calibration": "none"}))  # fmt: skip
+        result = train(
+            _train_cfg(
+                voc,
+                tmp_path / "runs",
+                **{
+                    "data.image_check": "full",
+                    "data.skip_bad_images": "true",
+                    "data.calibration": "none",
+                },
+            )
+        )
     listed = (result["run_dir"] / "bad_images.txt").read_text()
     assert f"train: {truncated}: cannot decode image" in listed and f"train: {gone}:" in listed
     assert (

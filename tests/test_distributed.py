@@ -47,10 +47,20 @@ def _uneven_voc(tmp_path: Path) -> tuple[Path, list[str]]:
     # 13 val images: not divisible by 2, so an evaluation that padded or dropped would differ
     voc = make_voc(tmp_path, {"train": sample(24), "val": sample(13)}, labels_txt=names)
     over = [
-        "data.format=voc", f"data.root={voc}", "data.image_size=64", "data.batch_size=4", "data.workers=0",
-        f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", "train.epochs=1", "train.ema=false",
-        f"run.output_dir={tmp_path / 'runs'}", "run.name=ddp", "run.progress=false", "run.tensorboard=false",
-    ]  # fmt: skip
+        "data.format=voc",
+        f"data.root={voc}",
+        "data.image_size=64",
+        "data.batch_size=4",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        "train.ema=false",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=ddp",
+        "run.progress=false",
+        "run.tensorboard=false",
+    ]
     return voc, over
 
 
@@ -112,7 +122,7 @@ def test_two_node_rendezvous_metrics_equal_single_process(tmp_path: Path) -> Non
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     outs = [node.communicate(timeout=600) for node in nodes]
@@ -126,15 +136,26 @@ def test_resume_a_two_process_run_with_one_process(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     voc = make_voc(
         tmp_path,
-        {s: [[(names[c], 0) for c in rng.choice(3, size=2, replace=False)] for _ in range(n)]
-         for s, n in (("train", 24), ("val", 8))},
+        {
+            s: [[(names[c], 0) for c in rng.choice(3, size=2, replace=False)] for _ in range(n)]
+            for s, n in (("train", 24), ("val", 8))
+        },
         labels_txt=names,
-    )  # fmt: skip
+    )
     over = [
-        "data.format=voc", f"data.root={voc}", "data.image_size=64", "data.batch_size=4", "data.workers=0",
-        f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", "train.epochs=3",
-        f"run.output_dir={tmp_path / 'runs'}", "run.name=ws", "run.progress=false", "run.tensorboard=false",
-    ]  # fmt: skip
+        "data.format=voc",
+        f"data.root={voc}",
+        "data.image_size=64",
+        "data.batch_size=4",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=3",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=ws",
+        "run.progress=false",
+        "run.tensorboard=false",
+    ]
     # 24 images / (4 x 2 processes) = 3 steps per epoch: killed in epoch 2, after epoch 1's resume point
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MLIC_FAULT": "kill_at_step=5"}
     p = _two_processes(over, env)
@@ -142,8 +163,13 @@ def test_resume_a_two_process_run_with_one_process(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "ws"
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # epoch 1 only
     env.pop("MLIC_FAULT")
-    p = subprocess.run([sys.executable, "-m", "mlic", "train", "--resume", str(run)], env=env,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "mlic", "train", "--resume", str(run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = (run / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]

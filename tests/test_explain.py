@@ -72,8 +72,20 @@ def test_models_without_attention_get_grad_cam_in_predict(tmp_path: Path, monkey
     image = tmp_path / "a.jpg"
     write_image(image, 0, size=80)
     heat = tmp_path / "heat"
-    code = main(["predict", str(ckpt), str(image), "--threshold", "0", "--top-k", "2",
-                 "--heatmaps", str(heat), "-q"])  # fmt: skip
+    code = main(
+        [
+            "predict",
+            str(ckpt),
+            str(image),
+            "--threshold",
+            "0",
+            "--top-k",
+            "2",
+            "--heatmaps",
+            str(heat),
+            "-q",
+        ]
+    )
     assert code == 0 and calls
     overlays = sorted(heat.glob("*__*.png"))
     assert len(overlays) == 3  # two labels + the grid

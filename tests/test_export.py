@@ -20,7 +20,6 @@ import mlic
 from conftest import TINY_BACKBONE
 from mlic.data.labels import LabelSet
 from mlic.export import (
-    NOT_EXPORTABLE,
     ExportError,
     ExportResult,
     export_checkpoint,
@@ -86,14 +85,6 @@ def onnx_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Exp
 
 @pytest.mark.parametrize("name", mlic.list_models())
 def test_onnx_export_every_model(name: str, onnx_export: Callable[[str], ExportResult]) -> None:
-    if name in NOT_EXPORTABLE:
-        try:
-            onnx_export(name)
-        except ExportError as e:
-            assert f"{name}: onnx export failed:" in str(e)
-            return
-        pytest.fail(f"{name} exports now: remove it from mlic.export.NOT_EXPORTABLE")
-
     result = onnx_export(name)
     assert result.verified and result.format == "onnx" and result.path.exists()
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4, f"{name}: {result}"
@@ -108,11 +99,6 @@ def test_onnx_export_every_model(name: str, onnx_export: Callable[[str], ExportR
     assert probs.shape == (3, NUM_CLASSES) and ((probs > 0) & (probs < 1)).all()
     # the outputs depend on the image, so the verification compared something
     assert np.ptp(probs, axis=0).max() > 1e-4, f"{name}: probabilities do not depend on the image"
-
-
-def test_not_exportable_entries_name_real_models() -> None:
-    for name, reason in NOT_EXPORTABLE.items():
-        assert name in mlic.list_models() and reason.strip(), name
 
 
 def test_onnx_metadata_describes_the_model(onnx_export: Callable[[str], ExportResult]) -> None:

@@ -41,10 +41,14 @@ def make_vg500(
 
 
 def test_vg500_reads_ssgrl_layout(tmp_path: Path) -> None:
-    vg = make_vg500(tmp_path / "VG", {
-        "train": {"2328403.jpg": [0, 17, 499], "1592810.jpg": [17], "498046.jpg": []},
-        "test": {"2336863.jpg": [3]},
-    }, second=("1592810.jpg",))  # fmt: skip
+    vg = make_vg500(
+        tmp_path / "VG",
+        {
+            "train": {"2328403.jpg": [0, 17, 499], "1592810.jpg": [17], "498046.jpg": []},
+            "test": {"2336863.jpg": [3]},
+        },
+        second=("1592810.jpg",),
+    )
     ann = load_vg500(vg, "train")
     assert ann.num_classes == 500 and ann.names[:3] == ["0", "1", "2"]
     assert [p.name for p in ann.images] == ["2328403.jpg", "1592810.jpg", "498046.jpg"]
@@ -117,11 +121,18 @@ def make_nuswide(
 
 def test_nuswide_reads_official_layout(tmp_path: Path) -> None:
     concepts = ["animal", "beach", "sky", "water"]
-    nus = make_nuswide(tmp_path / "NUS-WIDE", concepts, {
-        "train": [("actor/0001_2124494179.jpg", ["sky"]), ("beach/0002_55.jpg", ["beach", "water", "sky"]),
-                  ("zebra/0003_9.jpg", [])],
-        "test": [("actor/0004_1.jpg", ["animal"])],
-    })  # fmt: skip
+    nus = make_nuswide(
+        tmp_path / "NUS-WIDE",
+        concepts,
+        {
+            "train": [
+                ("actor/0001_2124494179.jpg", ["sky"]),
+                ("beach/0002_55.jpg", ["beach", "water", "sky"]),
+                ("zebra/0003_9.jpg", []),
+            ],
+            "test": [("actor/0004_1.jpg", ["animal"])],
+        },
+    )
     ann = load_nuswide(nus, "train")
     assert ann.names == concepts
     assert ann.images[0] == nus / "Flickr" / "actor" / "0001_2124494179.jpg"
@@ -166,15 +177,18 @@ def test_openimages_verified_labels_and_ignore(tmp_path: Path) -> None:
     (tmp_path / "classes.csv").write_text(
         "LabelName,DisplayName\n/m/01g317,Person\n/m/0bt9lr,Dog\n/m/01yrx,Cat\n"
     )
-    (tmp_path / "labels.csv").write_text(LABELS_HEADER + (
-        "000002b66c9c498e,verification,/m/01g317,1\n"
-        "000002b66c9c498e,verification,/m/0bt9lr,0\n"
-        "000002b97e5471a0,crowdsource-verification,/m/01yrx,1\n"
-        "000002b97e5471a0,verification,/m/0ggbz1,1\n"  # not in the class list
-        "000002c707c9895e,verification,/m/01g317,1\n"
-        "000002c707c9895e,crowdsource-verification,/m/01g317,0\n"  # disagreeing verdicts
-        "00000b4dcff7f799,verification,/m/0bt9lr,0\n"
-    ))  # fmt: skip
+    (tmp_path / "labels.csv").write_text(
+        LABELS_HEADER
+        + (
+            "000002b66c9c498e,verification,/m/01g317,1\n"
+            "000002b66c9c498e,verification,/m/0bt9lr,0\n"
+            "000002b97e5471a0,crowdsource-verification,/m/01yrx,1\n"
+            "000002b97e5471a0,verification,/m/0ggbz1,1\n"  # not in the class list
+            "000002c707c9895e,verification,/m/01g317,1\n"
+            "000002c707c9895e,crowdsource-verification,/m/01g317,0\n"  # disagreeing verdicts
+            "00000b4dcff7f799,verification,/m/0bt9lr,0\n"
+        )
+    )
     ann = load_openimages(tmp_path / "labels.csv", tmp_path / "img", tmp_path / "classes.csv")
     assert ann.names == ["Person", "Dog", "Cat"]
     assert ann.images[0] == tmp_path / "img" / "000002b66c9c498e.jpg"
@@ -243,8 +257,15 @@ def test_load_split_reads_the_new_formats(tmp_path: Path) -> None:
     (oi / "classes.csv").write_text("/m/a,A\n/m/b,B\n")
     (oi / "train.csv").write_text(LABELS_HEADER + "x,verification,/m/b,1\n")
     (oi / "val.csv").write_text(LABELS_HEADER + "y,verification,/m/a,0\n")
-    cfg = _data(format="openimages", root=str(oi), train="train.csv", val="val.csv",
-                train_images="train", val_images="validation", classes="classes.csv")  # fmt: skip
+    cfg = _data(
+        format="openimages",
+        root=str(oi),
+        train="train.csv",
+        val="val.csv",
+        train_images="train",
+        val_images="validation",
+        classes="classes.csv",
+    )
     train = load_split(cfg, "train")
     val = load_split(cfg, "val", class_names=train.names)
     assert train.names == ["A", "B"] and val.targets.tolist() == [[0, -1]]

@@ -30,9 +30,19 @@ def test_bf16_autocast_training_step_on_cuda() -> None:
 
 
 def test_train_on_cuda_end_to_end(tiny_voc: Path, tmp_path: Path) -> None:
-    over = [f"data.root={tiny_voc}", "data.format=voc", "data.image_size=64", "data.batch_size=8",
-            f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", "train.epochs=1", "train.device=cuda",
-            f"run.output_dir={tmp_path}", "run.name=gpu", "run.progress=false"]  # fmt: skip
+    over = [
+        f"data.root={tiny_voc}",
+        "data.format=voc",
+        "data.image_size=64",
+        "data.batch_size=8",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        "train.device=cuda",
+        f"run.output_dir={tmp_path}",
+        "run.name=gpu",
+        "run.progress=false",
+    ]
     result = train(load_config(None, over))
     assert 0 <= result["best_mAP"] <= 1
 
@@ -50,7 +60,18 @@ def test_bench_cuda_bf16() -> None:
 
 
 def test_nvjpeg_decoding_on_cuda(tiny_voc: Path, tmp_path: Path) -> None:
-    over = [f"data.root={tiny_voc}", "data.format=voc", "data.image_size=64", "data.batch_size=8",
-            f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", "train.epochs=1", "train.device=cuda",
-            "data.gpu_decode=true", f"run.output_dir={tmp_path}", "run.name=nvjpeg", "run.progress=false"]  # fmt: skip
+    over = [
+        f"data.root={tiny_voc}",
+        "data.format=voc",
+        "data.image_size=64",
+        "data.batch_size=8",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        "train.device=cuda",
+        "data.gpu_decode=true",
+        f"run.output_dir={tmp_path}",
+        "run.name=nvjpeg",
+        "run.progress=false",
+    ]
     assert 0 <= train(load_config(None, over))["best_mAP"] <= 1

@@ -39,26 +39,46 @@ def label_ids(n: int, seed: int) -> list[list[int]]:
 
 
 def classlabel_dict(root: Path) -> tuple[Path, dict[str, list[list[int]]]]:
-    feats = datasets.Features({"image": datasets.Image(),
-                               "labels": datasets.Sequence(datasets.ClassLabel(names=NAMES))})  # fmt: skip
+    feats = datasets.Features(
+        {"image": datasets.Image(), "labels": datasets.Sequence(datasets.ClassLabel(names=NAMES))}
+    )
     ids = {"train": label_ids(20, 0), "validation": label_ids(8, 1)}
-    dd = datasets.DatasetDict({
-        split: datasets.Dataset.from_dict(
-            {"image": [{"bytes": jpeg(100 * k + i), "path": None} for i in range(len(v))], "labels": v},
-            features=feats)
-        for k, (split, v) in enumerate(ids.items())
-    })  # fmt: skip
+    dd = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {
+                    "image": [{"bytes": jpeg(100 * k + i), "path": None} for i in range(len(v))],
+                    "labels": v,
+                },
+                features=feats,
+            )
+            for k, (split, v) in enumerate(ids.items())
+        }
+    )
     dd.save_to_disk(str(root / "saved"))
     return root / "saved", ids
 
 
 def cfg(root: Path, out: Path, *extra: str):
-    return load_config(None, [
-        "data.format=hf", f"data.root={root}", "data.val=validation", "data.image_size=48",
-        "data.batch_size=4", "data.workers=0", f"model.backbone={TINY_BACKBONE}",
-        "model.pretrained=false", "train.epochs=1", f"run.output_dir={out}", "run.name=h",
-        "run.progress=false", "run.tensorboard=false", *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "data.format=hf",
+            f"data.root={root}",
+            "data.val=validation",
+            "data.image_size=48",
+            "data.batch_size=4",
+            "data.workers=0",
+            f"model.backbone={TINY_BACKBONE}",
+            "model.pretrained=false",
+            "train.epochs=1",
+            f"run.output_dir={out}",
+            "run.name=h",
+            "run.progress=false",
+            "run.tensorboard=false",
+            *extra,
+        ],
+    )
 
 
 def test_save_to_disk_classlabel_trains_and_evaluates(tmp_path: Path) -> None:
@@ -99,8 +119,9 @@ def test_parquet_with_names_and_multihot_and_custom_columns(tmp_path: Path) -> N
     src = open_hf_split(cfg(tmp_path / "names", tmp_path, *over).data, "train")
     assert src.names == ["car", "cat", "dog"]  # sorted names of the training split
     assert src.targets.tolist() == [[0, 0, 1], [1, 1, 0], [1, 0, 0], [0, 1, 1]]
-    multihot = datasets.Features({"img": datasets.Image(),
-                                  "tags": datasets.Sequence(datasets.Value("int8"), length=3)})  # fmt: skip
+    multihot = datasets.Features(
+        {"img": datasets.Image(), "tags": datasets.Sequence(datasets.Value("int8"), length=3)}
+    )
     rows = [[1, 0, -1], [0, 1, 0], [1, 1, 0]]
     write_parquet(tmp_path / "mh", "train", rows, multihot)
     (tmp_path / "mh" / "classes.txt").write_text("\n".join(NAMES) + "\n")
@@ -129,8 +150,13 @@ def test_streaming_ranks_cover_the_set_with_equal_steps_and_resume(
     )
     write_parquet(tmp_path / "pq", "train", label_ids(11, 3), feats)
     write_parquet(tmp_path / "pq", "validation", label_ids(5, 4), feats)
-    c = cfg(tmp_path / "pq", tmp_path, "data.image_column=img", "data.label_column=tags",
-            "data.streaming=true")  # fmt: skip
+    c = cfg(
+        tmp_path / "pq",
+        tmp_path,
+        "data.image_column=img",
+        "data.label_column=tags",
+        "data.streaming=true",
+    )
     src = open_hf_split(c.data, "train")
     assert src.streaming and src.num_samples == 11
     every = {sha(x) for x, _ in HFStreamSet(src, None, None, False, raw_bytes=True)}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mlic.engine.host import retain_freed_memory
+from mlic.host import retain_freed_memory
 
 # allocate a 64 MiB tensor and print how many MiB glibc holds in mmap'd blocks meanwhile
 PROBE = """
@@ -19,7 +19,7 @@ class Info(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 if sys.argv[1] == "retain":
-    from mlic.engine.host import retain_freed_memory
+    from mlic.host import retain_freed_memory
     assert retain_freed_memory()
 before = libc.mallinfo2().hblkhd
 x = torch.empty(16 * 2**20)
@@ -47,7 +47,7 @@ def test_large_tensors_come_from_the_heap_once_retained() -> None:
 WORKER_PROBE = """
 import torch
 from mlic.data.dataset import _NamedErrorLoader
-from mlic.engine.host import retain_freed_memory
+from mlic.host import retain_freed_memory
 
 def anon_mib():
     with open("/proc/self/smaps_rollup") as f:

@@ -734,8 +734,15 @@ def test_hf_image_paths_stay_inside_the_dataset_folder(
     assert stat.S_ISFIFO(os.stat(root / "images" / "fifo.jpg").st_mode)
 
 
-ESCAPING_NAMES = ["/etc/passwd", "../outside.jpg", "img/../../outside.jpg", "~/x.jpg",
-                  "pipe:touch x", "https://example.com/a.jpg", "a\nb.jpg"]  # fmt: skip
+ESCAPING_NAMES = [
+    "/etc/passwd",
+    "../outside.jpg",
+    "img/../../outside.jpg",
+    "~/x.jpg",
+    "pipe:touch x",
+    "https://example.com/a.jpg",
+    "a\nb.jpg",
+]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "coco", "voc"])

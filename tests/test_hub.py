@@ -32,11 +32,19 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hub")
     voc = make_set(root)
     over = [
-        "data.format=voc", f"data.root={voc}", "data.image_size=48", "data.batch_size=8",
-        "data.workers=0", f"model.backbone={TINY_BACKBONE}", "model.pretrained=false",
-        "train.epochs=1", f"run.output_dir={root}", "run.name=r", "run.progress=false",
+        "data.format=voc",
+        f"data.root={voc}",
+        "data.image_size=48",
+        "data.batch_size=8",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        f"run.output_dir={root}",
+        "run.name=r",
+        "run.progress=false",
         "run.tensorboard=false",
-    ]  # fmt: skip
+    ]
     assert cli_main(["train", "demo", *over]) == 0
     return root / "r"
 
@@ -145,15 +153,34 @@ def test_hf_hub_ids_load_offline_from_the_local_cache(run: Path, tmp_path: Path)
     image = sorted(run.parent.rglob("*.jpg"))[0]
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HOME": str(hf_home),
-           "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC,
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
     voc = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
     p = subprocess.run(
-        [sys.executable, "-c", OFFLINE_SCRIPT, REPO, str(run / "best.safetensors"), str(image), str(work), voc],
-        env=env, cwd=work, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            OFFLINE_SCRIPT,
+            REPO,
+            str(run / "best.safetensors"),
+            str(image),
+            str(work),
+            voc,
+        ],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
     rows = (work / "preds.csv").read_text().splitlines()
     assert len(rows) == 2 and image.name in rows[1]

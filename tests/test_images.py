@@ -260,8 +260,10 @@ def test_drop_images_and_warning_summary() -> None:
 
 # ----------------------------------------------------------------------------- decode_image
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-@pytest.mark.parametrize(("size", "draft"), [((640, 480), 224), ((500, 375), 224), ((97, 61), 16),
-                                             ((800, 300), 64), ((64, 64), None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("size", "draft"),
+    [((640, 480), 224), ((500, 375), 224), ((97, 61), 16), ((800, 300), 64), ((64, 64), None)],
+)
 def test_decode_image_is_load_image_as_a_tensor(
     tmp_path: Path, mode: str, size: tuple[int, int], draft: int | None
 ) -> None:

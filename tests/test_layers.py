@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlic.engine.host import CpuInfo, cpu_info, onednn_linear_min_rows
-from mlic.models import layers
-from mlic.models.layers import CrossAttention, Linear, linear
+from mlic.host import CpuInfo, cpu_info, onednn_linear_min_rows
+from mlic.models import _layers as layers
+from mlic.models._layers import CrossAttention, Linear, linear
 
 ONEDNN = torch.backends.mkldnn.is_available()
 
@@ -40,8 +40,10 @@ def test_onednn_linear_rows_are_chosen_per_cpu(monkeypatch: pytest.MonkeyPatch, 
     assert onednn_linear_min_rows(zen5) is None
     # /proc/cpuinfo as Linux writes it: the first processor's block
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
-                    "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n")  # fmt: skip
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nvendor_id\t: Other\n"
+    )
     assert cpu_info(str(info)) == CpuInfo("AuthenticAMD", 26, 2, frozenset({"fpu", "avx512f"}))
     assert cpu_info(str(tmp_path / "absent")) == CpuInfo("", -1, -1, frozenset())
 

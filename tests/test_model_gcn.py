@@ -16,8 +16,8 @@ import mlic
 from conftest import TINY_BACKBONE
 from mlic.data.labels import LabelSet
 from mlic.errors import ConfigError
+from mlic.models._layers import GlobalPool
 from mlic.models.gcn import MLGCN, AttnGCN, GCNClassifierGenerator
-from mlic.models.layers import GlobalPool
 
 C = 5
 SIZE = 64

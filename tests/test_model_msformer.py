@@ -13,7 +13,8 @@ import mlic
 from conftest import TINY_BACKBONE
 from mlic.bench import count_params
 from mlic.config import load_config
-from mlic.models.layers import LabelQueryDecoderLayer, TransformerEncoderLayer
+from mlic.errors import ConfigError
+from mlic.models._layers import LabelQueryDecoderLayer, TransformerEncoderLayer
 from mlic.models.msformer import (
     INTERPOLATION_MODES,
     HierarchicalScaleAttention,
@@ -66,7 +67,7 @@ def test_decoder_self_attention_flag(setting: bool | str) -> None:
     extra = count_params(model) - count_params(build(decoder_self_attention=False))
     assert extra == sum(expected) * per_block
     assert model(images()).shape == (2, C)
-    with pytest.raises(ValueError, match="decoder_self_attention"):
+    with pytest.raises(ConfigError, match="decoder_self_attention"):
         build(decoder_self_attention="sometimes")
 
 
@@ -144,11 +145,11 @@ def test_interpolation_modes_run(mode: str) -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(ValueError, match="interpolation"):
+    with pytest.raises(ConfigError, match="interpolation"):
         build(interpolation="lanczos")
-    with pytest.raises(ValueError, match="scale_fusion"):
+    with pytest.raises(ConfigError, match="scale_fusion"):
         build(scale_fusion="concat")
-    with pytest.raises(ValueError, match="num_decoders"):
+    with pytest.raises(ConfigError, match="num_decoders"):
         build(num_decoders=0)
 
 
@@ -223,7 +224,7 @@ def test_paper_settings_and_configs() -> None:
 
 
 def test_attention_weight_dropout_is_off_by_default_and_configurable() -> None:
-    from mlic.models.layers import CrossAttention
+    from mlic.models._layers import CrossAttention
 
     def rates(model: MSFormer) -> tuple[set[float], set[float]]:
         attn = {m.dropout for m in model.modules() if isinstance(m, CrossAttention)}

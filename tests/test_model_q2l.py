@@ -9,7 +9,8 @@ import torch
 
 import mlic
 from conftest import TINY_BACKBONE
-from mlic.models.layers import sine_position_encoding
+from mlic.errors import ConfigError
+from mlic.models._layers import sine_position_encoding
 
 NUM_CLASSES = 5
 SIZE = 96  # test_resnet: stride 32 -> a 3 x 3 map
@@ -121,7 +122,7 @@ def test_sine_position_encoding() -> None:
     flat = pos.reshape(h * w, d)
     assert torch.cdist(flat, flat).add(torch.eye(h * w)).min() > 1e-3
     torch.testing.assert_close(pos[..., 0::2] ** 2 + pos[..., 1::2] ** 2, torch.ones(h, w, d // 2))
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(ConfigError, match="divisible by 4"):
         sine_position_encoding(2, 2, 10)
 
 

@@ -10,6 +10,7 @@ import mlic
 from conftest import TINY_BACKBONE
 from mlic.bench import count_params
 from mlic.data.labels import LabelSet
+from mlic.errors import ConfigError
 from mlic.models.ssgrl import SSGRL, GatedGraphNetwork
 
 C = 5
@@ -125,7 +126,7 @@ def test_time_steps_option_and_zero_steps() -> None:
     assert build(time_steps=5).ggnn.steps == 5
     h = torch.randn(2, C, 4)
     assert GatedGraphNetwork(4, steps=0)(h, torch.rand(C, C)) is h
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ConfigError, match="steps"):
         GatedGraphNetwork(4, steps=-1)
     model = build(time_steps=0)
     x = images()
@@ -171,9 +172,13 @@ def test_rebuild_without_labels_matches_kinds() -> None:
     """labels=None + rebuild_kwargs gives the same buffers/parameters (what load_checkpoint does)."""
     model = build()
     rebuilt = SSGRL(
-        C, labels=None, backbone=TINY_BACKBONE, low_rank_dim=32, attention_dim=16,
+        C,
+        labels=None,
+        backbone=TINY_BACKBONE,
+        low_rank_dim=32,
+        attention_dim=16,
         **model.rebuild_kwargs,
-    )  # fmt: skip
+    )
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in model.state_dict().items()
     }

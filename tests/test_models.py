@@ -19,7 +19,7 @@ from conftest import TINY_BACKBONE
 from mlic.data.labels import LabelSet
 from mlic.errors import CheckpointError, ConfigError
 from mlic.losses import build_loss
-from mlic.models.registry import register_model
+from mlic.models import register_model
 
 NUM_CLASSES = 5
 SIZE = 64
@@ -153,7 +153,7 @@ def test_baseline_cam_is_classifier_on_feature_map() -> None:
 
 
 def test_class_log_odds_values() -> None:
-    from mlic.models.layers import class_log_odds
+    from mlic.models._base import class_log_odds
 
     # p = (n + 0.5) / (N + 1): 0 of 9 -> 0.05, 9 of 9 -> 0.95, 4.5 of 9 would be 0.5
     out = class_log_odds([0, 9, 3], 9)
@@ -167,7 +167,7 @@ def test_class_log_odds_values() -> None:
 def test_prior_bias_starts_at_class_log_odds_and_survives_save_load(
     name: str, tmp_path: Path
 ) -> None:
-    from mlic.models.layers import class_log_odds
+    from mlic.models._base import class_log_odds
 
     labels = tiny_labels()
     plain, prior = build(name), build(name, prior_bias=True)  # same seed: same other weights

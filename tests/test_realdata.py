@@ -56,10 +56,19 @@ def test_difficult_only_objects_are_ignored_not_negative() -> None:
 
 
 def test_one_epoch_on_a_few_real_photographs(tmp_path: Path) -> None:
-    cfg = tiny_cfg(REAL, tmp_path, "real", **{
-        "data.train": "train", "data.val": "val", "data.max_train_images": "40",
-        "data.max_val_images": "16", "train.epochs": "1", "data.image_size": "96",
-    })  # fmt: skip
+    cfg = tiny_cfg(
+        REAL,
+        tmp_path,
+        "real",
+        **{
+            "data.train": "train",
+            "data.val": "val",
+            "data.max_train_images": "40",
+            "data.max_val_images": "16",
+            "train.epochs": "1",
+            "data.image_size": "96",
+        },
+    )
     result = train(cfg)
     rows = read_metrics(tmp_path / "real")
     assert len(rows) == 1 and 0.0 <= result["best_mAP"] <= 1.0

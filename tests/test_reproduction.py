@@ -28,8 +28,9 @@ from mlic.config import load_config, to_dict
 from mlic.data.transforms import RandomSquareCrop, build_transform, config_transforms
 from mlic.engine.trainer import build_ema, build_optimizer, train
 from mlic.errors import ConfigError
-from mlic.models.papers import DATASETS, PaperResult, dataset_of, paper_comparison
-from mlic.models.registry import list_models, published_results, register_model
+from mlic.models._comparison import dataset_of, paper_comparison
+from mlic.models._papers import DATASETS, PaperResult
+from mlic.models._registry import list_models, published_results, register_model
 
 C = 5
 NAMES = ["cat", "dog", "car", "person", "tree"]
@@ -477,8 +478,9 @@ def test_the_resize_protocol_travels_to_predict_and_export(tmp_path: Path) -> No
 
     names = ["a", "b", "c"]
     model = mlic.create_model("baseline", 3, backbone=TINY_BACKBONE, pretrained=False)
-    ckpt = save_checkpoint(model, tmp_path / "m.safetensors", names, input_size=[3, 32, 32],
-                           resize=40)  # fmt: skip
+    ckpt = save_checkpoint(
+        model, tmp_path / "m.safetensors", names, input_size=[3, 32, 32], resize=40
+    )
     meta = read_metadata(ckpt)
     # a 40 x 40 photo with a 4 px red frame: the warp to 40 and the centre 32 crop cut it away
     arr = np.zeros((40, 40, 3), np.uint8)

@@ -29,11 +29,22 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def overrides(voc: Path, out: Path, name: str, epochs: int = 3) -> list[str]:
     return [
-        "data.format=voc", f"data.root={voc}", "data.image_size=64", "data.batch_size=8", "data.workers=0",
-        f"model.backbone={TINY_BACKBONE}", "model.pretrained=false", f"train.epochs={epochs}",
-        f"run.output_dir={out}", f"run.name={name}", "run.progress=false", "run.tensorboard=false",
-        "data.random_erasing=0.25", "train.ema_decay=0.9", "optim.lr=0.003",
-    ]  # fmt: skip
+        "data.format=voc",
+        f"data.root={voc}",
+        "data.image_size=64",
+        "data.batch_size=8",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        f"train.epochs={epochs}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "run.progress=false",
+        "run.tensorboard=false",
+        "data.random_erasing=0.25",
+        "train.ema_decay=0.9",
+        "optim.lr=0.003",
+    ]
 
 
 def cli(args: list[str], fault: str | None = None, **kw) -> subprocess.Popen:
@@ -41,8 +52,14 @@ def cli(args: list[str], fault: str | None = None, **kw) -> subprocess.Popen:
     env.pop("MLIC_FAULT", None)
     if fault:
         env["MLIC_FAULT"] = fault
-    return subprocess.Popen([sys.executable, "-m", "mlic", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlic", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def metrics(run: Path) -> list[dict[str, str]]:

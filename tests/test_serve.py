@@ -24,11 +24,14 @@ import httpx  # noqa: E402
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 
 
-def post(served: Served, files: list[tuple[str, bytes]] | None = None, field: str = "images",
-         **params: str) -> httpx.Response:  # fmt: skip
+def post(
+    served: Served,
+    files: list[tuple[str, bytes]] | None = None,
+    field: str = "images",
+    **params: str,
+) -> httpx.Response:
     parts = [(field, (name, data, "application/octet-stream")) for name, data in files or []]
-    return httpx.post(served.url + "/v1/predict", params=params, files=parts or None,
-                      timeout=60)  # fmt: skip
+    return httpx.post(served.url + "/v1/predict", params=params, files=parts or None, timeout=60)
 
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -76,8 +79,9 @@ def test_answers_equal_mlic_predict(
     results = r.json()["results"]
     assert [x["name"] for x in results] == [p.name for p in photo_files]
     for got, want in zip(results, expected, strict=True):
-        np.testing.assert_allclose([got["scores"][n] for n in NAMES],
-                                   [want["scores"][n] for n in NAMES], atol=1e-6, rtol=0)  # fmt: skip
+        np.testing.assert_allclose(
+            [got["scores"][n] for n in NAMES], [want["scores"][n] for n in NAMES], atol=1e-6, rtol=0
+        )
         assert [x["label"] for x in got["labels"]] == want["labels"]
     # The controlled model: 'dog' everywhere, above its calibrated threshold 0.6.
     assert all(x["labels"][0]["label"] == "dog" for x in results)
@@ -218,7 +222,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served: Served) -> No
             ),
             415,
             "content type",
-        ),  # fmt: skip
+        ),
     }
     for what, (r, status, needle) in cases.items():
         assert r.status_code == status, (what, r.text)

@@ -37,10 +37,19 @@ def browser(tmp_path: Path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--window-size=1200,900"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -84,9 +93,10 @@ def test_page_predicts_a_photograph_and_shows_a_heatmap(
     slider = browser.find_element(By.ID, "threshold")
     for value, expected in ((0, len(NAMES)), (1, 0)):
         browser.execute_script(
-            "arguments[0].value = arguments[1];"
-            "arguments[0].dispatchEvent(new Event('input'));", slider, value
-        )  # fmt: skip
+            "arguments[0].value = arguments[1];arguments[0].dispatchEvent(new Event('input'));",
+            slider,
+            value,
+        )
         assert len(browser.find_elements(By.CSS_SELECTOR, "#labels li.on")) == expected
     assert not any(
         e["level"] == "SEVERE" for e in browser.get_log("browser") if "favicon" not in e["message"]

@@ -29,8 +29,21 @@ def test_onnx_backend_batches_equal_mlic_predict(tmp_path: Path) -> None:
         files.append(tmp_path / f"{name}.jpg")
         files[-1].write_bytes(photo_jpeg(name))
     out = tmp_path / "pred.jsonl"
-    assert main(["predict", str(onnx), *map(str, files), "--backend", "onnxruntime",
-                 "--output", str(out), "-q"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                str(onnx),
+                *map(str, files),
+                "--backend",
+                "onnxruntime",
+                "--output",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     expected = [json.loads(x) for x in out.read_text().splitlines()]
 
     config = ServeConfig(target=str(onnx), backend="onnxruntime", max_batch_size=4)
@@ -46,17 +59,18 @@ def test_onnx_backend_batches_equal_mlic_predict(tmp_path: Path) -> None:
     reqs = [
         PreparedRequest(
             [prep.prepare(p.name, p.read_bytes(), False) for p in files[:2]], Options(scores=True)
-        ),  # fmt: skip
+        ),
         PreparedRequest(
             [prep.prepare(files[2].name, files[2].read_bytes(), False)], Options(scores=True)
-        ),  # fmt: skip
+        ),
     ]
     answers = api.unbatch(api.predict(api.batch(reqs)))
     results = answers[0]["results"] + answers[1]["results"]
     assert [a["batch_size"] for a in answers] == [2, 2]
     for got, want in zip(results, expected, strict=True):
-        np.testing.assert_allclose([got["scores"][n] for n in NAMES],
-                                   [want["scores"][n] for n in NAMES], atol=1e-6, rtol=0)  # fmt: skip
+        np.testing.assert_allclose(
+            [got["scores"][n] for n in NAMES], [want["scores"][n] for n in NAMES], atol=1e-6, rtol=0
+        )
         assert [x["label"] for x in got["labels"]] == want["labels"]
     assert api.batch_requests[1] == 1  # one batch of 2 requests counted (bucket "<= 2")
     # an .onnx model is refused with the torch backend, by name

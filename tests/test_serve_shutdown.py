@@ -21,8 +21,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """A server that needs a token, admits 2 requests at once and lets a batch wait 1.5 s."""
     ckpt = make_checkpoint(tmp_path_factory.mktemp("guarded") / "model.safetensors")
-    server = start_server(ckpt, "--token", TOKEN, "--max-queue", "2", "--max-batch-size", "8",
-                          "--max-wait-ms", "1500")  # fmt: skip
+    server = start_server(
+        ckpt, "--token", TOKEN, "--max-queue", "2", "--max-batch-size", "8", "--max-wait-ms", "1500"
+    )
     yield server
     server.stop()
 

@@ -22,12 +22,23 @@ from mlic.errors import ConfigError
 
 def tiny_cfg(voc: Path, out: Path, name: str, **over: str):
     base = {
-        "data.format": "voc", "data.root": str(voc), "data.image_size": "64", "data.batch_size": "8",
-        "data.workers": "0", "model.backbone": TINY_BACKBONE, "model.pretrained": "false",
-        "train.epochs": "2", "optim.lr": "0.003", "run.output_dir": str(out), "run.name": name,
-        "run.progress": "false", "run.tensorboard": "false", "data.randaugment": "true",
-        "data.random_erasing": "0.25", "train.ema_decay": "0.9",
-    }  # fmt: skip
+        "data.format": "voc",
+        "data.root": str(voc),
+        "data.image_size": "64",
+        "data.batch_size": "8",
+        "data.workers": "0",
+        "model.backbone": TINY_BACKBONE,
+        "model.pretrained": "false",
+        "train.epochs": "2",
+        "optim.lr": "0.003",
+        "run.output_dir": str(out),
+        "run.name": name,
+        "run.progress": "false",
+        "run.tensorboard": "false",
+        "data.randaugment": "true",
+        "data.random_erasing": "0.25",
+        "train.ema_decay": "0.9",
+    }
     base.update(over)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
@@ -40,8 +51,17 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
 def test_train_writes_the_run_folder(tiny_voc: Path, tmp_path: Path) -> None:
     result = train(tiny_cfg(tiny_voc, tmp_path, "a", **{"run.tensorboard": "true"}))
     run = tmp_path / "a"
-    for f in ("config.yaml", "metrics.csv", "best.safetensors", "last.resume.pt", "report.md",
-              "per_class_ap.png", "pr_curves.png", "labels/labels.json", "labels/cooccurrence.npy"):  # fmt: skip
+    for f in (
+        "config.yaml",
+        "metrics.csv",
+        "best.safetensors",
+        "last.resume.pt",
+        "report.md",
+        "per_class_ap.png",
+        "pr_curves.png",
+        "labels/labels.json",
+        "labels/cooccurrence.npy",
+    ):
         assert (run / f).exists(), f
     assert any((run / "tb").iterdir())
     rows = read_metrics(run)
@@ -99,8 +119,18 @@ def test_eval_cli_on_run_and_checkpoint(
     # a bare checkpoint with data given on the command line
     ck = tmp_path / "copy.safetensors"
     ck.write_bytes((tmp_path / "e" / "best.safetensors").read_bytes())
-    code = main(["eval", str(ck), "data.format=voc", f"data.root={tiny_voc}", "data.workers=0", "run.progress=false",
-                 "--output", str(tmp_path / "ev")])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            str(ck),
+            "data.format=voc",
+            f"data.root={tiny_voc}",
+            "data.workers=0",
+            "run.progress=false",
+            "--output",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert code == 0
     import json
 
@@ -187,8 +217,11 @@ def test_freeze_bn_stats_keeps_backbone_statistics(
     means = [
         v for k, v in state.items() if k.startswith("backbone.") and k.endswith("running_mean")
     ]
-    scales = [state[k[: -len("running_mean")] + "weight"] for k in state
-              if k.startswith("backbone.") and k.endswith("running_mean")]  # fmt: skip
+    scales = [
+        state[k[: -len("running_mean")] + "weight"]
+        for k in state
+        if k.startswith("backbone.") and k.endswith("running_mean")
+    ]
     assert means, "the tiny backbone has BatchNorm layers"
     stats_moved = any(m.abs().max() > 0 for m in means)
     assert stats_moved is not freeze
@@ -206,8 +239,11 @@ def _pretrained_backbone_file(tmp_path: Path, seed: int) -> tuple[Path, dict]:
 
 def _moved_backbone_weights(state: dict, weights: dict) -> list[str]:
     """Names of the pretrained backbone tensors that a trained checkpoint ``state`` changed."""
-    body = {k.removeprefix("backbone.body."): v for k, v in state.items()
-            if k.startswith("backbone.body.")}  # fmt: skip
+    body = {
+        k.removeprefix("backbone.body."): v
+        for k, v in state.items()
+        if k.startswith("backbone.body.")
+    }
     assert set(weights) - {k for k in weights if k.endswith("num_batches_tracked")} <= set(body)
     return [k for k in body if k in weights and not torch.equal(body[k], weights[k])]
 
@@ -219,8 +255,12 @@ def test_head_warmup_leaves_the_backbone_as_pretrained(
     """train.head_warmup_epochs: during the warm-up only the head trains; the backbone's
     weights and BatchNorm statistics stay exactly those of the pretrained file."""
     path, weights = _pretrained_backbone_file(tmp_path, seed=3)
-    over = {"train.epochs": "1", "train.ema": "false", "train.head_warmup_epochs": str(warmup),
-            "model.pretrained_file": str(path)}  # fmt: skip
+    over = {
+        "train.epochs": "1",
+        "train.ema": "false",
+        "train.head_warmup_epochs": str(warmup),
+        "model.pretrained_file": str(path),
+    }
     train(tiny_cfg(tiny_voc, tmp_path, "warm", **over))
     state = load_file(tmp_path / "warm" / "best.safetensors")
     moved = _moved_backbone_weights(state, weights)
@@ -237,8 +277,13 @@ def test_zero_backbone_lr_freezes_the_backbone(tiny_voc: Path, tmp_path: Path) -
     pretrained file's (no gradient is computed for them), its BN statistics freeze with
     train.freeze_bn_stats, and the head trains."""
     path, weights = _pretrained_backbone_file(tmp_path, seed=4)
-    over = {"train.epochs": "1", "train.ema": "false", "optim.backbone_lr_mult": "0",
-            "train.freeze_bn_stats": "true", "model.pretrained_file": str(path)}  # fmt: skip
+    over = {
+        "train.epochs": "1",
+        "train.ema": "false",
+        "optim.backbone_lr_mult": "0",
+        "train.freeze_bn_stats": "true",
+        "model.pretrained_file": str(path),
+    }
     train(tiny_cfg(tiny_voc, tmp_path, "probe", **over))
     state = load_file(tmp_path / "probe" / "best.safetensors")
     assert _moved_backbone_weights(state, weights) == []

@@ -31,15 +31,34 @@ def make_set(root: Path, n_train: int = 23, n_val: int = 9) -> Path:
     rng = np.random.default_rng(0)
 
     def sample(n: int) -> list[list[tuple[str, int]]]:
-        return [[(NAMES[c], int(rng.integers(0, 2) * (c == 2))) for c in
-                 rng.choice(3, size=2, replace=False)] for _ in range(n)]  # fmt: skip
+        return [
+            [
+                (NAMES[c], int(rng.integers(0, 2) * (c == 2)))
+                for c in rng.choice(3, size=2, replace=False)
+            ]
+            for _ in range(n)
+        ]
 
     return make_voc(root, {"train": sample(n_train), "val": sample(n_val)}, labels_txt=NAMES)
 
 
 def pack(voc: Path, split: str, out: Path, per_shard: int = 5) -> Path:
-    code = cli_main(["data", "pack", "demo", "data.format=voc", f"data.root={voc}", "--split", split,
-                     "--out", str(out), "--samples-per-shard", str(per_shard), "-q"])  # fmt: skip
+    code = cli_main(
+        [
+            "data",
+            "pack",
+            "demo",
+            "data.format=voc",
+            f"data.root={voc}",
+            "--split",
+            split,
+            "--out",
+            str(out),
+            "--samples-per-shard",
+            str(per_shard),
+            "-q",
+        ]
+    )
     assert code == 0
     return out
 
@@ -64,8 +83,18 @@ def shard_of_sample(shards: Path) -> dict[str, str]:
 def raw_set(
     shards: Path, world: int, rank: int, workers: int, batch: int = 4, **kw
 ) -> ShardTrainSet:
-    return ShardTrainSet(open_shards(str(shards)), None, None, batch, seed=3, world_size=world,
-                         rank=rank, workers=workers, raw_bytes=True, **kw)  # fmt: skip
+    return ShardTrainSet(
+        open_shards(str(shards)),
+        None,
+        None,
+        batch,
+        seed=3,
+        world_size=world,
+        rank=rank,
+        workers=workers,
+        raw_bytes=True,
+        **kw,
+    )
 
 
 def rank_stream(ds: ShardTrainSet, rank: int) -> list[list[torch.Tensor]]:
@@ -171,8 +200,16 @@ def test_resume_position_gives_the_same_remaining_batches(packed) -> None:
     tf = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, randaugment=True, normalize=False)
     world, workers, batch = 2, 2, 2
     for rank in range(world):
-        ds = ShardTrainSet(open_shards(str(train)), tf, 32, batch, seed=1, world_size=world,
-                           rank=rank, workers=workers)  # fmt: skip
+        ds = ShardTrainSet(
+            open_shards(str(train)),
+            tf,
+            32,
+            batch,
+            seed=1,
+            world_size=world,
+            rank=rank,
+            workers=workers,
+        )
         ds.set_epoch(1)
         full = rank_stream(ds, rank)
         for done in (1, 3, 4):  # odd counts: the data loader's worker 0 plays another reader
@@ -209,8 +246,19 @@ def test_truncated_and_corrupt_shards_are_named_and_skipped(tmp_path: Path) -> N
     index = open_shards(str(shards))
     over = ["data.format=wds", f"data.train={shards}", f"data.val={shards}"]
     assert cli_main(["data", "check", "demo", *over]) == 1  # size/SHA-256 and read checked
-    assert cli_main(["data", "check", "demo", "data.format=wds", f"data.train={shards}/shard-{{000000..000000}}.tar",
-                     f"data.val={shards}/shard-{{000002..000004}}.tar"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "data",
+                "check",
+                "demo",
+                "data.format=wds",
+                f"data.train={shards}/shard-{{000000..000000}}.tar",
+                f"data.val={shards}/shard-{{000002..000004}}.tar",
+            ]
+        )
+        == 0
+    )
     only_cut = open_shards(f"{shards}/shard-{{000001..000001}}.tar")
     with pytest.raises(
         DataError, match=r"shard-000001\.tar: truncated or corrupt shard .*index says"
@@ -252,8 +300,10 @@ def test_stream_shards_over_https_pattern(packed) -> None:
             (sha(bytes(x.numpy())), t.tolist())
             for x, t in ShardEvalSet(remote, None, None, raw_bytes=True)
         ]
-        local = [(sha(bytes(x.numpy())), t.tolist())
-                 for x, t in ShardEvalSet(open_shards(str(val)), None, None, raw_bytes=True)]  # fmt: skip
+        local = [
+            (sha(bytes(x.numpy())), t.tolist())
+            for x, t in ShardEvalSet(open_shards(str(val)), None, None, raw_bytes=True)
+        ]
         assert got == local and len(got) == 9
     finally:
         server.shutdown()
@@ -262,11 +312,20 @@ def test_stream_shards_over_https_pattern(packed) -> None:
 def test_train_and_eval_from_shards(packed, tmp_path: Path) -> None:
     _, train, val = packed
     over = [
-        "data.format=wds", f"data.train={train}", f"data.val={val}", "data.image_size=48",
-        "data.batch_size=4", "data.workers=0", f"model.backbone={TINY_BACKBONE}", "model.pretrained=false",
-        "train.epochs=1", f"run.output_dir={tmp_path}", "run.name=w", "run.progress=false",
+        "data.format=wds",
+        f"data.train={train}",
+        f"data.val={val}",
+        "data.image_size=48",
+        "data.batch_size=4",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        f"run.output_dir={tmp_path}",
+        "run.name=w",
+        "run.progress=false",
         "run.tensorboard=false",
-    ]  # fmt: skip
+    ]
     assert cli_main(["train", "demo", *over]) == 0
     run = tmp_path / "w"
     from mlic.engine.checkpoint import read_metadata
@@ -285,11 +344,21 @@ def test_training_skips_and_counts_the_samples_of_a_truncated_shard(tmp_path: Pa
     cut = train / "shard-000002.tar"
     cut.write_bytes(cut.read_bytes()[: 4 * 1024])
     over = [
-        "data.format=wds", f"data.train={train}", f"data.val={val}", "data.image_size=48",
-        "data.batch_size=4", "data.workers=0", f"model.backbone={TINY_BACKBONE}",
-        "model.pretrained=false", "train.epochs=1", "train.ema=false", f"run.output_dir={tmp_path}",
-        "run.name=bad", "run.progress=false", "run.tensorboard=false",
-    ]  # fmt: skip
+        "data.format=wds",
+        f"data.train={train}",
+        f"data.val={val}",
+        "data.image_size=48",
+        "data.batch_size=4",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        "train.ema=false",
+        f"run.output_dir={tmp_path}",
+        "run.name=bad",
+        "run.progress=false",
+        "run.tensorboard=false",
+    ]
     assert cli_main(["train", "demo", *over]) == 2  # stops, naming the shard
     assert cli_main(["train", "demo", *over, "data.skip_bad_images=true", "run.name=skip"]) == 0
     lines = (tmp_path / "skip" / "bad_samples.txt").read_text().splitlines()

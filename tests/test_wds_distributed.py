@@ -67,12 +67,23 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _train_over(train: Path, val: Path, out: Path, name: str, **kw: str) -> list[str]:
     over = {
-        "data.format": "wds", "data.train": str(train), "data.val": str(val), "data.image_size": "48",
-        "data.batch_size": "4", "data.workers": "0", "model.backbone": TINY_BACKBONE,
-        "model.pretrained": "false", "train.epochs": "2", "run.output_dir": str(out),
-        "run.name": name, "run.progress": "false", "run.tensorboard": "false",
-        "train.ema_decay": "0.9", "optim.lr": "0.003", **kw,
-    }  # fmt: skip
+        "data.format": "wds",
+        "data.train": str(train),
+        "data.val": str(val),
+        "data.image_size": "48",
+        "data.batch_size": "4",
+        "data.workers": "0",
+        "model.backbone": TINY_BACKBONE,
+        "model.pretrained": "false",
+        "train.epochs": "2",
+        "run.output_dir": str(out),
+        "run.name": name,
+        "run.progress": "false",
+        "run.tensorboard": "false",
+        "train.ema_decay": "0.9",
+        "optim.lr": "0.003",
+        **kw,
+    }
     return [f"{k}={v}" for k, v in over.items()]
 
 

@@ -11,9 +11,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "create_model": "mlic.models.registry",
-    "list_models": "mlic.models.registry",
-    "register_model": "mlic.models.registry",
+    "create_model": "mlic.models",
+    "list_models": "mlic.models",
+    "register_model": "mlic.models",
     "save_checkpoint": "mlic.engine.checkpoint",
     "load_checkpoint": "mlic.engine.checkpoint",
     "Predictor": "mlic.inference",

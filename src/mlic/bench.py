@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mlic.config import DEFAULT_IMAGE_SIZE
 from mlic.data.labels import LabelSet
 from mlic.errors import DataError
 
@@ -65,12 +66,12 @@ def random_labelset(num_classes: int, seed: int = 0) -> LabelSet:
 def model_summary(
     name: str,
     backbone: str = "resnet101",
-    image_size: int = 448,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     num_classes: int = 80,
     flops: bool = True,
 ) -> dict[str, Any]:
     """Parameter count (M) and forward GFLOPs per image of a registered model."""
-    from mlic.models.registry import create_model
+    from mlic.models import create_model
 
     model = create_model(
         name, num_classes, labels=random_labelset(num_classes), backbone=backbone, pretrained=False
@@ -112,12 +113,10 @@ def matmul_peaks(
     """Measured dense ``n^3`` matmul throughput (FLOP/s) of this device, per GEMM library.
 
     ``blas``: ``torch.matmul`` (cuBLAS on CUDA, MKL/OpenBLAS on CPU). On CPU also
-    ``onednn``: the same product through oneDNN, the way :func:`mlic.models.layers.linear`
-    runs it. They differ a lot on AMD CPUs, where MKL takes its AVX2 path while oneDNN (which
-    also runs every convolution) uses AVX-512: ~215 vs ~500 GFLOP/s on the 2-vCPU Zen 5
-    machine of ``benchmarks/BENCHMARKS.md``.
+    ``onednn``: the same product through oneDNN, the way :func:`mlic.models._layers.linear`
+    runs it; the two differ a lot on AMD CPUs (BENCHMARKS.md section 5).
     """
-    from mlic.models.layers import linear
+    from mlic.models._layers import linear
 
     n = n or (8192 if device.type == "cuda" else 2048)  # a GPU needs large products to peak
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -224,10 +223,56 @@ def gpu_decode_speed(
     return best
 
 
+def _time_training(
+    trainee: Any, batch: tuple[torch.Tensor, torch.Tensor], plan: Any, steps: int
+) -> float:
+    """Images/s of ``steps`` training steps on ``batch``, after one untimed step (warm-up,
+    compilation): :func:`~mlic.engine.trainer.train_one_epoch`, the step ``mlic train`` runs."""
+    from dataclasses import replace
+
+    from mlic.engine.run_folder import RunState
+    from mlic.engine.trainer import train_one_epoch
+
+    def same(x: torch.Tensor) -> torch.Tensor:
+        return x  # the batch is on the device already
+
+    train_one_epoch(trainee, [batch], same, RunState(), replace(plan, batches=1))
+    _sync(plan.device)
+    t0 = time.perf_counter()
+    train_one_epoch(trainee, [batch] * steps, same, RunState(), replace(plan, batches=steps))
+    _sync(plan.device)
+    return steps * len(batch[1]) / (time.perf_counter() - t0)
+
+
+def _time_inference(run: Any, x: torch.Tensor, amp: Any, steps: int) -> tuple[float, list[float]]:
+    """``(images/s at the batch size, per-image latencies in s at batch 1)``, each after a
+    warm-up call."""
+    from mlic.engine.precision import autocast
+
+    dev = x.device
+    with torch.inference_mode(), autocast(dev, amp):
+        run(x)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run(x)
+        _sync(dev)
+        images_per_s = steps * len(x) / (time.perf_counter() - t0)
+        one = x[:1]
+        run(one)
+        latencies = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            run(one)
+            _sync(dev)
+            latencies.append(time.perf_counter() - t)
+    return images_per_s, latencies
+
+
 def benchmark(
     name: str,
     backbone: str = "resnet101",
-    image_size: int = 448,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     num_classes: int = 80,
     batch_size: int = 8,
     device: str = "cpu",
@@ -239,10 +284,11 @@ def benchmark(
     workers: int = 2,
 ) -> dict[str, Any]:
     """Training and inference speed, latency, memory, FLOPs and FLOP utilisation of one model."""
-    from mlic.engine.host import retain_freed_memory
-    from mlic.engine.precision import autocast, resolve_precision
+    from mlic.engine.precision import resolve_precision
+    from mlic.engine.trainer import EpochPlan, Trainee
+    from mlic.host import retain_freed_memory
     from mlic.losses import build_loss
-    from mlic.models.registry import create_model
+    from mlic.models import create_model
 
     data_files = jpeg_files(data) if data else None  # a wrong --data fails before the timing
     dev = torch.device(device)
@@ -260,42 +306,13 @@ def benchmark(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch_size, num_classes, device=dev) < 0.1).float()
-    loss_fn = build_loss("bce")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mlic train
-
-    def train_step() -> None:
-        with autocast(dev, amp):
-            logits = run(x)
-        loss_fn(logits.float(), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    model.train()
-    train_step()  # warm-up (and compilation)
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step()
-    _sync(dev)
-    train_ips = steps * batch_size / (time.perf_counter() - t0)
-
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    trainee = Trainee(model, build_loss("bce"), opt, None, scaler, forward=run)
+    plan = EpochPlan(0, steps, batch_size, batch_size, dev, amp, channels_last=channels_last)
+    train_ips = _time_training(trainee, (x, y), plan, steps)
     model.eval()
-    with torch.inference_mode(), autocast(dev, amp):
-        run(x)
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            run(x)
-        _sync(dev)
-        infer_ips = steps * batch_size / (time.perf_counter() - t0)
-        one = x[:1]
-        run(one)
-        lat = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            run(one)
-            _sync(dev)
-            lat.append(time.perf_counter() - t)
+    infer_ips, lat = _time_inference(run, x, amp, steps)
     peaks = matmul_peaks(dev, torch.bfloat16 if precision == "bf16" else torch.float32)
     peak = max(peaks.values())
     train_flops = 3 * flops * train_ips  # forward + backward (~2x forward)

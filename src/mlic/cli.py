@@ -1,4 +1,4 @@
-"""The ``mlic`` command line: demo, train, eval, models (and the commands added per issue).
+"""The ``mlic`` command line: demo, train, eval, predict, serve, export, data, push, bench, models.
 
 Every user-facing failure is an :class:`~mlic.errors.MlicError` printed as one line
 ``mlic: error: ...`` with exit code 2; tracebacks are for bugs only.
@@ -112,22 +112,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     use_ema = best.get("ema_mAP", -1) > best["mAP"]
     shown = {k[4:]: v for k, v in best.items() if k.startswith("ema_")} if use_ema else best
     init = "ImageNet-pretrained" if cfg.model.pretrained else "random init"
-    print(f"\nDemo: {cfg.model.name} on {cfg.model.backbone} ({init}), best epoch {best['epoch']}"
-          f"{' (EMA weights)' if use_ema else ''}, {time.perf_counter() - t0:.0f} s\n")  # fmt: skip
+    print(
+        f"\nDemo: {cfg.model.name} on {cfg.model.backbone} ({init}), best epoch {best['epoch']}"
+        f"{' (EMA weights)' if use_ema else ''}, {time.perf_counter() - t0:.0f} s\n"
+    )
     print("At threshold 0.5:\n")
     print(metric_table(shown))
     calibrated = {k[4:]: v for k, v in shown.items() if k.startswith("cal_")}
     if calibrated:
-        print("\nAt the per-class thresholds calibrated on held-out training images "
-              "(stored in best.safetensors, used by `mlic predict`):\n")  # fmt: skip
+        print(
+            "\nAt the per-class thresholds calibrated on held-out training images "
+            "(stored in best.safetensors, used by `mlic predict`):\n"
+        )
         print(metric_table(calibrated))
     print(f"\nreport: {Path(result['run_dir']) / 'report.md'}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlic.engine.host import retain_freed_memory
     from mlic.evaluate import evaluate_checkpoint
+    from mlic.host import retain_freed_memory
 
     retain_freed_memory()  # this process is ours: no page faults per batch
 
@@ -147,8 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mlic.engine.host import retain_freed_memory
     from mlic.evaluate import resolve_target
+    from mlic.host import retain_freed_memory
     from mlic.inference import Predictor
     from mlic.predict import format_table, run_predict, write_predictions
 
@@ -164,8 +168,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor.from_checkpoint(ckpt, device=args.device, precision=args.precision)
     heat = Path(args.heatmaps) if args.heatmaps else None
-    summary = run_predict(predictor, args.inputs, batch_size=args.batch_size, threshold=args.threshold,
-                          top_k=args.top_k, heatmaps=heat, progress=not args.quiet)  # fmt: skip
+    summary = run_predict(
+        predictor,
+        args.inputs,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        top_k=args.top_k,
+        heatmaps=heat,
+        progress=not args.quiet,
+    )
     if not summary.predictions and summary.failed:  # nothing to write: keep any old output
         kept = f"; {args.output} left unchanged" if args.output else ""
         raise DataError(
@@ -259,7 +270,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from mlic.evaluate import resolve_target
     from mlic.export import SUFFIXES, export_checkpoint
-    from mlic.hub import in_hub_cache, is_hub_id
+    from mlic.hub_files import in_hub_cache, is_hub_id
 
     if args.int8 and args.format != "onnx":  # before the export, not after it
         raise ConfigError("--int8 applies to --format onnx")
@@ -295,8 +306,6 @@ def _quantize(ckpt: Path, onnx_path: Path, args: argparse.Namespace) -> Path:
     from mlic.export import quantize_onnx_int8
     from mlic.predict import expand_inputs
 
-    if args.format != "onnx":
-        raise ConfigError("--int8 applies to --format onnx")
     if args.calibration:
         images, _ = expand_inputs([args.calibration])
     else:
@@ -323,7 +332,8 @@ def _quantize(ckpt: Path, onnx_path: Path, args: argparse.Namespace) -> Path:
 def cmd_push(args: argparse.Namespace) -> int:
     """``mlic push RUN_DIR REPO_ID`` uploads; ``mlic push --dry-run RUN_DIR OUT_DIR`` writes the
     folder it would upload (model.safetensors, config.json, config.yaml, README.md)."""
-    from mlic.hub import push_run, validate_repo_id
+    from mlic.hub import push_run
+    from mlic.hub_files import validate_repo_id
 
     if args.dry_run:
         repo_id = args.repo_id or f"ORG/{Path(args.run_dir).resolve().name}"
@@ -351,10 +361,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.batch_size > 4096:  # a bench batch is allocated whole, at once
         raise ConfigError(f"--batch-size {args.batch_size}: must be <= 4096")
     r = benchmark(
-        args.model, backbone=args.backbone, image_size=args.image_size, num_classes=args.num_classes,
-        batch_size=args.batch_size, device=args.device, precision=args.precision, compile=args.compile,
-        steps=args.steps, data=args.data, workers=args.workers,
-    )  # fmt: skip
+        args.model,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        steps=args.steps,
+        data=args.data,
+        workers=args.workers,
+    )
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
@@ -365,7 +383,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _models_paper(names: list[str], json_path: str | None) -> int:
     """``mlic models --paper``: each model's published results from its registry entry."""
-    from mlic.models.papers import published_rows
+    from mlic.models._comparison import published_rows
 
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
@@ -387,7 +405,7 @@ def _models_paper(names: list[str], json_path: str | None) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from mlic.bench import model_summary
-    from mlic.models.registry import list_models
+    from mlic.models import list_models
 
     if args.json:  # before the table is computed
         from mlic.files import refuse_run_file
@@ -399,8 +417,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.paper:  # the registry's published results: no model is built
         return _models_paper(names, args.json)
     rows = []
-    print(f"{'model':<12} {'params (M)':>11} {'GFLOPs':>8}   backbone={args.backbone}, {args.image_size} px, "
-          f"{args.num_classes} classes")  # fmt: skip
+    print(
+        f"{'model':<12} {'params (M)':>11} {'GFLOPs':>8}   backbone={args.backbone}, {args.image_size} px, "
+        f"{args.num_classes} classes"
+    )
     for name in names:
         s = model_summary(
             name, args.backbone, args.image_size, args.num_classes, flops=not args.no_flops
@@ -419,7 +439,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     """``mlic data check|stats``: read both splits of a config and check every image, without
     training; ``stats`` also writes stats.md + plots. Exit 1 when broken images were found."""
     from mlic.config import load_config
-    from mlic.data.check import data_check, write_stats
+    from mlic.data.check import data_check
+    from mlic.data.stats import write_stats
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     if args.action == "pack":
@@ -431,8 +452,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         for split in (cfg.data.train, cfg.data.val):
             index = open_shards(split)
             found = verify_shards(index)
-            print(f"{split}: {len(index.shards)} shards, {index.num_samples} samples, "
-                  f"{len(found)} problem(s)")  # fmt: skip
+            print(
+                f"{split}: {len(index.shards)} shards, {index.num_samples} samples, "
+                f"{len(found)} problem(s)"
+            )
             problems += found
         print("\n".join(problems))
         return 1 if problems else 0
@@ -462,13 +485,20 @@ def _pack(cfg, args: argparse.Namespace) -> int:
     if args.split == "val":  # the val split in the training split's class order
         train_names = load_split(cfg.data, "train").names
     ann = load_split(cfg.data, args.split, class_names=train_names)
-    index = pack_shards(ann, args.out, shard_size=args.shard_size,
-                        max_samples_per_shard=args.samples_per_shard, seed=args.seed,
-                        progress=not args.quiet)  # fmt: skip
+    index = pack_shards(
+        ann,
+        args.out,
+        shard_size=args.shard_size,
+        max_samples_per_shard=args.samples_per_shard,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     secs = time.perf_counter() - t0
     size = sum(s["bytes"] for s in index["shards"])
-    print(f"{index['num_samples']} samples in {len(index['shards'])} shards ({size / 1e6:.1f} MB) "
-          f"in {args.out}; {secs:.1f} s ({1000 * secs / max(index['num_samples'], 1):.2f} s per 1,000 images)")  # fmt: skip
+    print(
+        f"{index['num_samples']} samples in {len(index['shards'])} shards ({size / 1e6:.1f} MB) "
+        f"in {args.out}; {secs:.1f} s ({1000 * secs / max(index['num_samples'], 1):.2f} s per 1,000 images)"
+    )
     return 0
 
 
@@ -513,24 +543,21 @@ PRECISION_ARG: dict = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from mlic import __version__
-
-    p = _Parser(prog="mlic", description="Multi-label image classification.")
-    p.add_argument("--version", action="version", version=f"mlic {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub: Any) -> None:
     s = sub.add_parser("demo", help="generate the demo set, fine-tune the baseline, print metrics")
     s.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     s.set_defaults(func=cmd_demo)
 
+
+def _add_train(sub: Any) -> None:
     s = sub.add_parser("train", help="train from a YAML config with key=value overrides")
     s.add_argument("config", nargs="?", help="YAML path or shipped recipe name (e.g. demo)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     s.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: Any) -> None:
     s = sub.add_parser(
         "eval", help="evaluate a run folder or checkpoint; writes metrics + report.md"
     )
@@ -554,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", **PRECISION_ARG)
     s.set_defaults(func=cmd_eval)
 
+
+def _add_predict(sub: Any) -> None:
     s = sub.add_parser("predict", help="predict labels for image files, folders or globs")
     s.add_argument("checkpoint", help=".safetensors checkpoint, run folder or hf-hub:ORG/NAME")
     s.add_argument("inputs", nargs="+", help="image files, folders (recursive) or globs")
@@ -575,12 +604,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_predict)
 
+
+def _add_serve(sub: Any) -> None:
+    from mlic.serve import SERVE_RANGES  # light: LitServe loads only when serving
+
     s = sub.add_parser("serve", help="serve a model over HTTP: API with dynamic batching + a page")
     s.add_argument("target", help="run folder, .safetensors checkpoint or exported .onnx model")
-    s.add_argument("--backend", choices=["torch", "onnxruntime"],
-                   help="default: onnxruntime for .onnx, else torch")  # fmt: skip
+    s.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        help="default: onnxruntime for .onnx, else torch",
+    )
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
-    from mlic.serve import SERVE_RANGES  # light: LitServe loads only when serving
 
     def serve_num(option: str, default: Any, what: str) -> None:
         s.add_argument(option, type=_bounded(*SERVE_RANGES[option]), default=default, help=what)
@@ -603,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_num("--threads", None, "intra-op threads per worker")
     s.set_defaults(func=cmd_serve)
 
+
+def _add_export(sub: Any) -> None:
     s = sub.add_parser(
         "export", help="export a checkpoint to ONNX, TorchScript or an ExportedProgram"
     )
@@ -619,13 +656,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-images", type=POSITIVE_INT, default=32)
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("data", help="check a data config's images and annotations, describe it, "
-                       "or pack it into WebDataset shards")  # fmt: skip
+
+def _add_data(sub: Any) -> None:
+    s = sub.add_parser(
+        "data",
+        help="check a data config's images and annotations, describe it, "
+        "or pack it into WebDataset shards",
+    )
     s.add_argument(
-        "action", choices=["check", "stats", "pack"], help="check: list every broken image; "
+        "action",
+        choices=["check", "stats", "pack"],
+        help="check: list every broken image; "
         "stats: also write stats.md, class_frequency.png, cooccurrence.png; "
-        "pack: write one split as WebDataset tar shards + dataset.json (--out)"
-    )  # fmt: skip
+        "pack: write one split as WebDataset tar shards + dataset.json (--out)",
+    )
     s.add_argument("config", help="YAML path or shipped recipe name (its data.* section is used)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=...")
     s.add_argument("--fast", action="store_true", help="read image headers only (no decode)")
@@ -639,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_data)
 
+
+def _add_push(sub: Any) -> None:
     s = sub.add_parser(
         "push", help="upload a run's best checkpoint + model card to the Hugging Face Hub"
     )
@@ -650,13 +696,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repo-id", help="--dry-run: the ORG/NAME the card names")
     s.set_defaults(func=cmd_push)
 
+
+def _add_bench(sub: Any) -> None:
+    from mlic.config import DEFAULT_IMAGE_SIZE
+
     s = sub.add_parser("bench", help="training/inference speed, latency, memory, FLOP utilisation")
     s.add_argument("model")
     s.add_argument("--backbone", default="resnet101")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     s.add_argument("--batch-size", type=POSITIVE_INT, default=8)
-    s.add_argument("--image-size", type=IMAGE_SIZE, default=448)
+    s.add_argument("--image-size", type=IMAGE_SIZE, default=DEFAULT_IMAGE_SIZE)
     s.add_argument("--num-classes", type=NUM_CLASSES, default=80)
     s.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps after one warm-up")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -667,10 +717,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_bench)
 
+
+def _add_models(sub: Any) -> None:
+    from mlic.config import DEFAULT_IMAGE_SIZE
+
     s = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     s.add_argument("filter", nargs="?", help="only names containing this")
     s.add_argument("--backbone", default="resnet101")
-    s.add_argument("--image-size", type=IMAGE_SIZE, default=448)
+    s.add_argument("--image-size", type=IMAGE_SIZE, default=DEFAULT_IMAGE_SIZE)
     s.add_argument("--num-classes", type=NUM_CLASSES, default=80)
     s.add_argument("--no-flops", action="store_true", help="skip the FLOP count (fast)")
     s.add_argument(
@@ -678,6 +732,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", help="also write the table as JSON here")
     s.set_defaults(func=cmd_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlic import __version__
+
+    p = _Parser(prog="mlic", description="Multi-label image classification.")
+    p.add_argument("--version", action="version", version=f"mlic {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_demo,
+        _add_train,
+        _add_eval,
+        _add_predict,
+        _add_serve,
+        _add_export,
+        _add_data,
+        _add_push,
+        _add_bench,
+        _add_models,
+    ):
+        add(sub)
     return p
 
 

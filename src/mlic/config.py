@@ -31,7 +31,11 @@ __all__ = [
     "RESUME_OVERRIDES",
     "check_resume_overrides",
     "to_dict",
+    "DEFAULT_IMAGE_SIZE",
 ]
+
+#: The input side (pixels) a model uses unless told otherwise: the papers' common 448.
+DEFAULT_IMAGE_SIZE = 448
 
 
 @dataclass
@@ -194,13 +198,8 @@ class TrainConfig:
     ema_warmup: bool = True
     ema_warmup_power: float = 0.75
     # keep the backbone's BatchNorm running statistics as pretrained (its BN layers in eval
-    # mode while training; their scale and shift still learn), as detection fine-tuning does
-    # with small batches. Off by default. The q2l, ssgrl and mgsgn demo recipes turn it on
-    # with the backbone at 0.1x (optim.backbone_lr_mult): together they lift those deep heads
-    # on real VOC photos by 8-12 mAP, while frozen statistics with the backbone at the full
-    # rate made msformer worse and the linear baseline loses with both; attn_gcn_demo,
-    # mlgcn_demo and msformer_demo freeze the backbone outright (backbone_lr_mult 0) and keep it on
-    # (benchmarks/BENCHMARKS.md, section 9.3)
+    # mode; their scale and shift still learn), as detection fine-tuning does with small
+    # batches; each demo recipe says whether it helped that model (BENCHMARKS.md 9.3)
     freeze_bn_stats: bool = False
     # train the head alone for this many first epochs (backbone weights and BatchNorm
     # statistics as pretrained), then everything: linear probing before fine-tuning (LP-FT,

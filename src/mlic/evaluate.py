@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from mlic.config import load_config
-from mlic.data.dataset import MultiLabelDataset, SeededSampler, build_loader, load_split
+from mlic.data.dataset import load_split
 from mlic.data.sources import STREAM_FORMATS
 from mlic.data.transforms import build_transform
 from mlic.engine.checkpoint import load_checkpoint, update_metadata
+from mlic.engine.loaders import eval_loader, uint8_batch_to_device
 from mlic.engine.precision import resolve_precision
-from mlic.engine.trainer import evaluate, resolve_device, uint8_batch_to_device
+from mlic.engine.trainer import evaluate, resolve_device
 from mlic.errors import ConfigError
 from mlic.files import RunLock, is_run_folder, refuse_run_file, save_npy, savefig, write_text
 from mlic.metrics import best_f1_thresholds, multilabel_metrics
@@ -29,7 +30,7 @@ log = logging.getLogger("mlic")
 def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
     """``(checkpoint, run config or None)`` for a run folder, a checkpoint path or an
     ``hf-hub:ORG/NAME`` repository (its ``model.safetensors`` and ``config.yaml``)."""
-    from mlic.hub import is_hub_id, resolve_checkpoint, resolve_hub_file
+    from mlic.hub_files import is_hub_id, resolve_checkpoint, resolve_hub_file
 
     if is_hub_id(target):
         return resolve_checkpoint(target), resolve_hub_file(str(target), "config.yaml", False)
@@ -82,7 +83,7 @@ def evaluate_checkpoint(
     ``precision``: ``auto``, ``fp32`` or ``bf16`` (see :mod:`mlic.engine.precision`); the
     choice and its reason are in the returned ``"precision"``.
     """
-    from mlic.hub import check_downloaded_config, in_hub_cache, is_hub_id
+    from mlic.hub_files import check_downloaded_config, in_hub_cache, is_hub_id
 
     ckpt, run_cfg = resolve_target(target)
     # from the Hub, by id or by a path into the Hugging Face cache: someone else's files
@@ -98,50 +99,18 @@ def evaluate_checkpoint(
     model, meta = load_checkpoint(ckpt)
     device = resolve_device(cfg.train.device)
     model.to(device)
-    names = list(meta["label_names"])
-    size = int(meta["input_size"][-1])
-    # data.resize (SSGRL's protocol): warp, then the centre crop, as the run evaluated
-    resize = cfg.data.resize
-    tf = build_transform(size, meta["mean"], meta["std"], False, normalize=False, resize=resize)
-    batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
-    images: list[Path] = []  # for the report's thumbnails; shards / HF sets have no files
-    if cfg.data.format in STREAM_FORMATS:
-        from mlic.data.sources import open_eval_source
-
-        loader, _ = open_eval_source(cfg.data, split, names, tf, size, batch_size, cfg.data.workers)
-    else:
-        ann = load_split(cfg.data, split, class_names=names)
-        images = ann.images
-        ds = MultiLabelDataset(ann, tf, draft_size=size)  # uint8 batches, normalised on the device
-        loader = build_loader(ds, batch_size, SeededSampler(len(ds), shuffle=False, pad=False),
-                              cfg.data.workers)  # fmt: skip
+    loader, images = _split_loader(cfg, split, meta)
     prepare = uint8_batch_to_device(meta["mean"], meta["std"], device, channels_last=False)
     chosen = resolve_precision(precision, device)
-    results, per_class, scores, targets = evaluate(model, loader, device, amp=chosen,
-                                                   progress=cfg.run.progress, prepare=prepare)  # fmt: skip
-    # the checkpoint's calibrated thresholds (chosen at training time on other data), or,
-    # with tune_thresholds, new ones tuned on this very split (optimistic on it: meant for a
-    # dev split, then used on other data)
-    stored = meta.get("thresholds")
-    thresholds = None if stored is None else np.asarray(stored, dtype=np.float64)
-    thresholds_from = meta.get("thresholds_from")
-    if tune_thresholds:
-        thresholds = best_f1_thresholds(scores, targets)
-        thresholds_from = f"{cfg.data.format}:{split} (mlic eval --tune-thresholds)"
-        # a run's checkpoint is changed only while no training run writes that folder
-        lock = RunLock(ckpt.parent) if is_run_folder(ckpt.parent) else contextlib.nullcontext()
-        with lock:
-            update_metadata(
-                ckpt,
-                thresholds=[round(float(t), 6) for t in thresholds],
-                thresholds_from=thresholds_from,
-            )
-        tuned = multilabel_metrics(scores, targets, threshold=thresholds)
-        results = {**results, **{f"tuned_{k}": v for k, v in tuned.items() if k != "mAP"}}
-    elif thresholds is not None:
-        cal = multilabel_metrics(scores, targets, threshold=thresholds)
-        results = {**results, **{f"cal_{k}": v for k, v in cal.items() if k != "mAP"}}
+    results, per_class, scores, targets = evaluate(
+        model, loader, device, amp=chosen, progress=cfg.run.progress, prepare=prepare
+    )
+    thresholds, thresholds_from, at_thresholds = _thresholds(
+        ckpt, meta, f"{cfg.data.format}:{split}", scores, targets, tune_thresholds
+    )
+    results = {**results, **at_thresholds}
     out.mkdir(parents=True, exist_ok=True)
+    names, size = list(meta["label_names"]), int(meta["input_size"][-1])
     payload = {
         "checkpoint": str(ckpt),
         "split": split,
@@ -158,15 +127,82 @@ def evaluate_checkpoint(
 
     sections = report_sections(out, names, scores, targets, images, thresholds)
     sections = _paper_section(meta["model"], cfg, results, size, split, model) + sections
+    extra = {
+        "checkpoint": ckpt,
+        "images": len(scores),
+        "input size": size,
+        "precision": str(chosen),
+    }
+    title = f"{meta['model']} evaluated on {cfg.data.format} {split}"
     report = write_report(
-        out, title=f"{meta['model']} evaluated on {cfg.data.format} {split}", names=names,
-        scores=scores, targets=targets, per_class_ap=per_class, results=results,
-        extra={"checkpoint": ckpt, "images": len(scores), "input size": size,
-               "precision": str(chosen)}, sections=sections,
-        thresholds=thresholds, thresholds_from=thresholds_from,
-    )  # fmt: skip
-    return {"metrics": results, "per_class_ap": per_class, "report": report, "output": out,
-            "precision": chosen}  # fmt: skip
+        out,
+        title=title,
+        names=names,
+        scores=scores,
+        targets=targets,
+        per_class_ap=per_class,
+        results=results,
+        extra=extra,
+        sections=sections,
+        thresholds=thresholds,
+        thresholds_from=thresholds_from,
+    )
+    return {
+        "metrics": results,
+        "per_class_ap": per_class,
+        "report": report,
+        "output": out,
+        "precision": chosen,
+    }
+
+
+def _split_loader(cfg: Any, split: str, meta: dict[str, Any]) -> tuple[Any, list[Path]]:
+    """``(loader, image files)`` of ``split`` in the checkpoint's label order, transformed as
+    the run evaluated (``data.resize``: warp, then the centre crop); shards and Hugging Face
+    sets have no image files to show in the report."""
+    names = list(meta["label_names"])
+    size = int(meta["input_size"][-1])
+    resize = cfg.data.resize
+    tf = build_transform(size, meta["mean"], meta["std"], False, normalize=False, resize=resize)
+    batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+    if cfg.data.format in STREAM_FORMATS:
+        from mlic.data.sources import open_eval_source
+
+        loader, _ = open_eval_source(cfg.data, split, names, tf, size, batch_size, cfg.data.workers)
+        return loader, []
+    ann = load_split(cfg.data, split, class_names=names)
+    return eval_loader(ann, tf, size, batch_size, cfg.data.workers), ann.images  # uint8 batches
+
+
+def _thresholds(
+    ckpt: Path,
+    meta: dict[str, Any],
+    where: str,
+    scores: np.ndarray,
+    targets: np.ndarray,
+    tune: bool,
+) -> tuple[np.ndarray | None, str | None, dict[str, float]]:
+    """``(thresholds, where they came from, metrics at them)``: the checkpoint's calibrated
+    ones (chosen at training time on other data, ``cal_*``), or with ``tune`` new ones tuned
+    on this very split and written into the checkpoint (``tuned_*``; optimistic on this
+    split: meant for a dev split, then used on other data)."""
+    stored = meta.get("thresholds")
+    thresholds = None if stored is None else np.asarray(stored, dtype=np.float64)
+    thresholds_from = meta.get("thresholds_from")
+    prefix = "cal"
+    if tune:
+        thresholds = best_f1_thresholds(scores, targets)
+        thresholds_from = f"{where} (mlic eval --tune-thresholds)"
+        prefix = "tuned"
+        # a run's checkpoint is changed only while no training run writes that folder
+        lock = RunLock(ckpt.parent) if is_run_folder(ckpt.parent) else contextlib.nullcontext()
+        with lock:
+            rounded = [round(float(t), 6) for t in thresholds]
+            update_metadata(ckpt, thresholds=rounded, thresholds_from=thresholds_from)
+    if thresholds is None:
+        return None, thresholds_from, {}
+    at = multilabel_metrics(scores, targets, threshold=thresholds)
+    return thresholds, thresholds_from, {f"{prefix}_{k}": v for k, v in at.items() if k != "mAP"}
 
 
 def _paper_section(
@@ -174,7 +210,7 @@ def _paper_section(
 ) -> list[str]:
     """The model's published figure beside this evaluation, when it has one on this data."""
     from mlic.config import to_dict
-    from mlic.models.papers import paper_comparison
+    from mlic.models._comparison import paper_comparison
 
     split_name = cfg.data.train if split == "train" else cfg.data.val
     params_m = sum(p.numel() for p in model.parameters()) / 1e6

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mlic.config import DEFAULT_IMAGE_SIZE
 from mlic.errors import MlicError
 from mlic.files import atomic_write, refuse_run_file
 
@@ -59,7 +60,6 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "FORMATS",
-    "NOT_EXPORTABLE",
     "ProbabilityModel",
     "export_checkpoint",
     "export_model",
@@ -76,11 +76,6 @@ OUTPUT_NAME = "probabilities"
 ATOL = 1e-4  # fp32 agreement required between the exported graph and eager PyTorch
 EXAMPLE_BATCH = 2  # the traced example: not 0/1 (torch.export specialises those) nor a tested size
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in exporter messages
-
-#: Registered models that cannot be exported to ONNX, with the reason. The export test
-#: expects :class:`ExportError` for these and a successful, verified export for every other
-#: model. Empty is the goal: add an entry only with a reason a user can act on.
-NOT_EXPORTABLE: dict[str, str] = {}
 
 
 class ExportError(MlicError):
@@ -260,9 +255,12 @@ def _capture(wrapped: ProbabilityModel, example: torch.Tensor) -> torch.export.E
 
 
 def _export_onnx(
-    wrapped: ProbabilityModel, example: torch.Tensor, output: Path, opset: int | None,
+    wrapped: ProbabilityModel,
+    example: torch.Tensor,
+    output: Path,
+    opset: int | None,
     metadata: dict[str, str],
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """ONNX from the captured program through the ``torch.export``-based exporter.
 
     The program is captured here rather than by ``torch.onnx.export`` so that a model whose
@@ -376,7 +374,7 @@ def export_model(
     model: nn.Module,
     output: str | Path,
     format: str = "onnx",
-    image_size: int = 448,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     meta: dict[str, Any] | None = None,
     opset: int | None = None,
     verify: bool = True,
@@ -414,8 +412,7 @@ def export_model(
             else:
                 result.notes += _export_program(wrapped, example, tmp, metadata)
         except Exception as e:  # noqa: BLE001 -- exporters raise many types; the user needs one
-            hint = f" (known: {NOT_EXPORTABLE[name]})" if name in NOT_EXPORTABLE else ""
-            raise ExportError(f"{name}: {format} export failed: {_describe(e)}{hint}") from e
+            raise ExportError(f"{name}: {format} export failed: {_describe(e)}") from e
         if not verify:
             return
         try:
@@ -481,7 +478,9 @@ def export_checkpoint(
     if Path(output).is_dir():
         raise ExportError(f"--output {output}: is a folder; give the file to write")
     model, meta = load_checkpoint(checkpoint)
-    size = int(image_size or meta.get("input_size", (3, 448, 448))[-1])
+    size = int(
+        image_size or meta.get("input_size", (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))[-1]
+    )
     return export_model(model, output, format, size, meta, opset, verify, batch_sizes, atol)
 
 
@@ -523,9 +522,14 @@ def quantize_onnx_int8(
     try:
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(staged), _Reader(), quant_format=QuantFormat.QDQ,
-            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        )  # fmt: skip
+            str(prepared),
+            str(staged),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         src = onnx.load(str(onnx_path), load_external_data=False)
         q = onnx.load(str(staged))
     except Exception as e:  # the quantizer's errors are deep and long: name the model and cause

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlic.engine.faults import maybe_kill
 from mlic.errors import ConfigError, DataError, MlicError, RunBusyError, WriteError
+from mlic.faults import maybe_kill
 
 __all__ = [
     "MAX_ANNOTATION_BYTES",
@@ -80,8 +80,16 @@ def _disk_full(folder: Path) -> bool:
         return False
 
 
-_IO_MARKERS = ("write failed", "PytorchStreamWriter", "inline_container", "No space", "I/O error",
-               "Permission denied", "Read-only file system", "Disk quota")  # fmt: skip
+_IO_MARKERS = (
+    "write failed",
+    "PytorchStreamWriter",
+    "inline_container",
+    "No space",
+    "I/O error",
+    "Permission denied",
+    "Read-only file system",
+    "Disk quota",
+)
 
 
 def _is_io_failure(e: BaseException, folder: Path) -> bool:

@@ -237,7 +237,7 @@ class OnnxPredictor(Predictor):
         import hashlib
 
         from mlic.export import export_checkpoint, onnx_session, read_export_metadata
-        from mlic.models.pretrained import cache_dir
+        from mlic.models._pretrained import cache_dir
 
         path = Path(path)
         if path.suffix != ".onnx":

@@ -102,9 +102,14 @@ def run_predict(
     def flush() -> None:
         if not batch:
             return
-        preds = predictor.predict([im for _, im in batch], threshold=threshold, top_k=top_k,
-                                  return_attention=heatmaps is not None, batch_size=len(batch),
-                                  keep_images=heatmaps is not None)  # fmt: skip
+        preds = predictor.predict(
+            [im for _, im in batch],
+            threshold=threshold,
+            top_k=top_k,
+            return_attention=heatmaps is not None,
+            batch_size=len(batch),
+            keep_images=heatmaps is not None,
+        )
         for (path, _), pred in zip(batch, preds, strict=True):
             pred.source = str(path)
             if heatmaps is not None:

@@ -7,6 +7,7 @@ and a target matrix with 1 (present), 0 (absent) and -1 (ignore, e.g. VOC "diffi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,10 @@ import numpy as np
 
 from mlic.errors import DataError
 
-__all__ = ["Annotations", "read_json"]
+__all__ = ["Annotations", "NO_LABELS", "no_label_warnings", "read_json"]
+
+#: Text of the warning readers attach to an image without any positive label.
+NO_LABELS = "no labels"
 
 
 @dataclass
@@ -80,3 +84,13 @@ def read_json(path: Path) -> Any:
         return json.loads(read_regular_text(path, "JSON file"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+
+
+def no_label_warnings(ids: Sequence[str], targets: np.ndarray) -> list[str]:
+    """One warning per image with no positive label: ``"<image id>: no labels ..."``.
+
+    Such images are kept (as all-negative examples, which is what they are for a closed
+    label set), but a reader that finds many of them usually reads the wrong files.
+    """
+    empty = np.flatnonzero(~(np.asarray(targets) == 1).any(axis=1))
+    return [f"{ids[i]}: {NO_LABELS} (kept as an all-negative image)" for i in empty]

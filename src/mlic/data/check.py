@@ -1,4 +1,4 @@
-"""Nothing lost, nothing let in: image checks, annotation warnings and data-set statistics.
+"""Nothing lost, nothing let in: image checks and annotation warnings (``mlic data check``).
 
 Two levels of image check, because their costs differ by orders of magnitude:
 
@@ -41,26 +41,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mlic.data import Annotations
 from mlic.errors import ConfigError, DataError
-from mlic.files import savefig, write_text
+from mlic.files import write_text
 
 __all__ = [
     "CHECK_DRAFT_SIZE",
     "IMAGE_CHECKS",
-    "NO_LABELS",
     "CheckReport",
     "check_images",
     "data_check",
     "drop_images",
     "find_broken_images",
-    "no_label_warnings",
-    "plot_class_frequency",
     "screen_splits",
     "summarize_warnings",
-    "write_stats",
 ]
 
 log = logging.getLogger("mlic")
@@ -70,22 +64,10 @@ log = logging.getLogger("mlic")
 CHECK_DRAFT_SIZE = 32
 #: Values of ``data.image_check``.
 IMAGE_CHECKS = ("fast", "full", "off")
-#: Text of the warning readers attach to an image without any positive label.
-NO_LABELS = "no labels"
 _CHUNK = 64  # images per thread-pool task
 
 
 # ----------------------------------------------------------------------------- annotations
-def no_label_warnings(ids: Sequence[str], targets: np.ndarray) -> list[str]:
-    """One warning per image with no positive label: ``"<image id>: no labels ..."``.
-
-    Such images are kept (as all-negative examples, which is what they are for a closed
-    label set), but a reader that finds many of them usually reads the wrong files.
-    """
-    empty = np.flatnonzero(~(np.asarray(targets) == 1).any(axis=1))
-    return [f"{ids[i]}: {NO_LABELS} (kept as an all-negative image)" for i in empty]
-
-
 def summarize_warnings(warnings: Sequence[str], limit: int = 10) -> str:
     """``"<n> annotation warning(s)"`` and the first ``limit`` of them, one per line."""
     n = len(warnings)
@@ -238,8 +220,12 @@ def screen_splits(
         log.warning(
             "skipping %d broken image(s) (data.skip_bad_images=true; %s image check)%s; "
             "training on %s images:\n  %s",
-            len(lines), mode, where, kept, "\n  ".join(lines),
-        )  # fmt: skip
+            len(lines),
+            mode,
+            where,
+            kept,
+            "\n  ".join(lines),
+        )
     return out
 
 
@@ -303,144 +289,3 @@ def data_check(
         if bar is not None:
             bar.close()
     return CheckReport(splits, problems, full=full, seconds=time.perf_counter() - t0)
-
-
-# ----------------------------------------------------------------------------- mlic data stats
-def plot_class_frequency(
-    names: Sequence[str], counts: dict[str, np.ndarray], path: Path, max_named: int = 60
-) -> Path:
-    """Bar chart of positives per class (one series per split), most frequent first.
-
-    With more than ``max_named`` classes, step lines without names on a log axis replace
-    the bars (500 VG classes cannot be labelled legibly; stats.md has the table).
-    """
-    import matplotlib.pyplot as plt
-
-    import mlic.viz  # noqa: F401  (selects the non-interactive backend)
-
-    first = next(iter(counts.values()))
-    order = np.argsort(-first, kind="stable")
-    n = len(names)
-    fig, ax = plt.subplots(figsize=(min(max(6, 0.25 * n + 2), 16), 4))
-    width = 0.8 / max(len(counts), 1)
-    x = np.arange(n)
-    for k, (split, c) in enumerate(counts.items()):
-        if n <= max_named:
-            ax.bar(x + k * width, np.asarray(c)[order], width=width, label=split)
-        else:  # too many bars to draw apart: a step line per split
-            ax.plot(x, np.asarray(c)[order], drawstyle="steps-mid", label=split)
-    if n <= max_named:
-        ax.set_xticks(x + 0.4 - width / 2, [names[i] for i in order], rotation=90, fontsize=7)
-    else:
-        ax.set_yscale("symlog")
-        ax.set_xlabel(f"{n} classes, most frequent (in {next(iter(counts))}) first")
-    ax.set_ylabel("images with the class")
-    ax.set_title("Class frequency")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    savefig(fig, path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _split_stats(ann: Annotations) -> dict[str, float]:
-    pos = ann.targets == 1
-    per_image = pos.sum(axis=1)
-    return {
-        "images": len(ann),
-        "cardinality": float(per_image.mean()) if len(ann) else 0.0,
-        "max": int(per_image.max()) if len(ann) else 0,
-        "no_labels": int((per_image == 0).sum()),
-        "ignored": int((ann.targets == -1).sum()),
-        "density": float(per_image.mean() / max(ann.num_classes, 1)) if len(ann) else 0.0,
-    }
-
-
-def write_stats(
-    cfg: Any,
-    output: str | Path,
-    full: bool = True,
-    workers: int | None = None,
-    max_heatmap_classes: int = 40,
-) -> tuple[Path, str, CheckReport]:
-    """Write ``stats.md``, ``class_frequency.png`` and ``cooccurrence.png`` into ``output``.
-
-    Covers both splits of ``cfg.data``: images, classes, label cardinality (mean positive
-    labels per image), per-class frequency, co-occurrence (training split; with more than
-    ``max_heatmap_classes`` classes, the most frequent ones) and the check report (broken
-    images, annotation warnings). Returns ``(stats.md path, printed summary, check report)``.
-    """
-    from mlic.viz import plot_cooccurrence
-
-    report = data_check(cfg, full=full, workers=workers)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    train = report.splits["train"]
-    names = train.names
-    counts = {name: (ann.targets == 1).sum(axis=0) for name, ann in report.splits.items()}
-    plot_class_frequency(names, counts, out / "class_frequency.png")
-    top = np.argsort(-counts["train"], kind="stable")[:max_heatmap_classes]
-    top = np.sort(top)
-    plot_cooccurrence([names[i] for i in top], train.targets[:, top], out / "cooccurrence.png")
-    stats = {name: _split_stats(ann) for name, ann in report.splits.items()}
-
-    lines = [f"# Data statistics: {cfg.data.format} ({cfg.data.root})", ""]
-    lines += [
-        "| split | images | classes | labels / image | max labels | density | images without labels | ignored entries | broken images |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, s in stats.items():
-        lines.append(
-            f"| {name} | {s['images']} | {len(names)} | {s['cardinality']:.3f} | {s['max']} | "
-            f"{s['density']:.4f} | {s['no_labels']} | {s['ignored']} | {len(report.problems[name])} |"
-        )
-    no_pos = [names[i] for i in np.flatnonzero(counts["train"] == 0)]
-    lines += [
-        "",
-        "Label cardinality is the mean number of positive labels per image; density is it divided by the number of classes.",
-    ]
-    if no_pos:
-        lines += [
-            "",
-            f"**Classes with no training positives** (left out of mAP): {', '.join(no_pos)}",
-        ]
-    lines += ["", "## Class frequency", "", "![class frequency](class_frequency.png)", ""]
-    lines += ["| class | " + " | ".join(counts) + " |", "|---|" + "---:|" * len(counts)]
-    for i in np.argsort(-counts["train"], kind="stable"):
-        lines.append(
-            f"| {names[i]} | " + " | ".join(str(int(c[i])) for c in counts.values()) + " |"
-        )
-    shown = "" if len(top) == len(names) else f" ({len(top)} most frequent classes)"
-    lines += ["", f"## Co-occurrence P(column | row), training split{shown}", ""]
-    lines += ["![co-occurrence](cooccurrence.png)", ""]
-    lines += [
-        "## Check",
-        "",
-        f"{'Full decode' if full else 'Header-only'} image check, {report.seconds:.1f} s.",
-        "",
-    ]
-    for name, ann in report.splits.items():
-        probs = report.problems[name]
-        lines.append(
-            f"**{name}** ({ann.source}): {len(probs)} broken image(s), {len(ann.warnings)} annotation warning(s)."
-        )
-        lines.append("")
-        lines += [f"- broken: `{p}`" for p in probs]
-        lines += [f"- warning: {w}" for w in ann.warnings[:10]]
-        if len(ann.warnings) > 10:
-            lines.append(f"- ... and {len(ann.warnings) - 10} more warnings")
-        lines.append("")
-    path = out / "stats.md"
-    write_text(path, "\n".join(lines) + "\n")
-
-    summary = [
-        f"{name}: {s['images']} images, {len(names)} classes, {s['cardinality']:.2f} labels/image, "
-        f"{s['no_labels']} without labels, {len(report.problems[name])} broken"
-        for name, s in stats.items()
-    ]
-    if no_pos:
-        summary.append(
-            f"{len(no_pos)} class(es) with no training positives: {', '.join(no_pos[:10])}"
-        )
-    summary.append(f"written: {path}, {out / 'class_frequency.png'}, {out / 'cooccurrence.png'}")
-    return path, "\n".join(summary), report

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data import Annotations, read_json
-from mlic.data.check import no_label_warnings
+from mlic.data import Annotations, no_label_warnings, read_json
 from mlic.errors import DataError
 from mlic.files import path_inside
 
@@ -40,9 +39,14 @@ def load_coco(annotation_json: str | Path, image_dir: str | Path) -> Annotations
     imgs = _require(data, "images", str(path))
     anns = _require(data, "annotations", str(path))
     cat_list = sorted(
-        ((int(_require(c, "id", f"{path}: categories[{i}]")), str(_require(c, "name", f"{path}: categories[{i}]")))
-         for i, c in enumerate(cats)),
-    )  # fmt: skip
+        (
+            (
+                int(_require(c, "id", f"{path}: categories[{i}]")),
+                str(_require(c, "name", f"{path}: categories[{i}]")),
+            )
+            for i, c in enumerate(cats)
+        ),
+    )
     ids_seen: dict[int, str] = {}
     for cid, name in cat_list:
         if cid in ids_seen:  # one id, two classes: annotations could not tell them apart

@@ -25,9 +25,9 @@ from mlic.data.transforms import (
     decode_image,
     device_decodable_jpeg,
 )
-from mlic.engine.host import release_inherited_heap
 from mlic.errors import DataError
 from mlic.files import MAX_IMAGE_BYTES, read_regular_bytes
+from mlic.host import release_inherited_heap
 
 __all__ = [
     "MultiLabelDataset",

@@ -56,9 +56,19 @@ __all__ = [
 
 #: Class names in target-column order (alphabetical, so any loader that sorts agrees).
 DEMO_CLASSES: list[str] = [
-    "astronaut", "cameraman", "cat", "clock", "coin", "cup",
-    "flag", "helmet", "motorcycle", "officer", "rocket", "shuttle",
-]  # fmt: skip
+    "astronaut",
+    "cameraman",
+    "cat",
+    "clock",
+    "coin",
+    "cup",
+    "flag",
+    "helmet",
+    "motorcycle",
+    "officer",
+    "rocket",
+    "shuttle",
+]
 
 #: Scene -> {class: probability that an image of this scene contains it}.
 #: The scenes share some classes (helmet, cameraman, flag, coin) so the label graph is

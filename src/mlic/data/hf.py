@@ -157,8 +157,9 @@ def _load(data_cfg: Any, which: str) -> tuple[Any, str, int | None]:
         )
     if root.is_dir():
         files = _parquet_files(root, which)
-        ds = datasets.load_dataset("parquet", data_files={"split": files}, split="split",
-                                   streaming=streaming)  # fmt: skip
+        ds = datasets.load_dataset(
+            "parquet", data_files={"split": files}, split="split", streaming=streaming
+        )
         return ds, f"{root}/{which}", None
     if root.exists():
         raise DataError(
@@ -296,8 +297,9 @@ def _numeric_encoder(
     return [str(i) for i in range(top + 1)], _ids_encoder(top + 1)
 
 
-def _label_encoder(feature: Any, column: str, source: str, first_rows: list[Any],
-                   classes: list[str] | None) -> tuple[list[str], Callable[[Any], np.ndarray]]:  # fmt: skip
+def _label_encoder(
+    feature: Any, column: str, source: str, first_rows: list[Any], classes: list[str] | None
+) -> tuple[list[str], Callable[[Any], np.ndarray]]:
     """``(class names, cell -> int8 [C])`` for the label column's feature type (see module doc)."""
     datasets = _datasets()
     inner = getattr(feature, "feature", None)
@@ -444,8 +446,9 @@ def _image_bytes(cell: Any, where: str, roots: tuple[Path, ...] = ()) -> tuple[b
 
 
 class _Decode:
-    def __init__(self, src: HFSource, transform: Callable | None, draft_size: int | None,
-                 raw_bytes: bool) -> None:  # fmt: skip
+    def __init__(
+        self, src: HFSource, transform: Callable | None, draft_size: int | None, raw_bytes: bool
+    ) -> None:
         self.src = src
         self.transform = transform
         self.draft_size = draft_size
@@ -463,8 +466,13 @@ class HFImageDataset(Dataset):
     """Map-style: ``[(index, seed)] -> (image uint8 [3, S, S], target float [C])``, as
     :class:`~mlic.data.dataset.MultiLabelDataset` for image files."""
 
-    def __init__(self, src: HFSource, transform: Callable | None, draft_size: int | None,
-                 raw_bytes: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        src: HFSource,
+        transform: Callable | None,
+        draft_size: int | None,
+        raw_bytes: bool = False,
+    ) -> None:
         self.src = src
         self.dec = _Decode(src, transform, draft_size, raw_bytes)
         self.targets = torch.from_numpy(src.targets.astype(np.float32))  # [N, C]
@@ -483,10 +491,21 @@ class HFStreamSet(IterableDataset):
     """Streamed split (see the module docstring): ``len()`` = global samples per epoch for
     training (padding included), ``set_epoch(epoch, consumed)`` for exact resume."""
 
-    def __init__(self, src: HFSource, transform: Callable | None, draft_size: int | None,
-                 train: bool, batch_size: int = 1, seed: int = 0, world_size: int = 1,
-                 rank: int = 0, workers: int = 0, skip_bad: bool = False,
-                 bad_log: str | Path | None = None, raw_bytes: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        src: HFSource,
+        transform: Callable | None,
+        draft_size: int | None,
+        train: bool,
+        batch_size: int = 1,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        workers: int = 0,
+        skip_bad: bool = False,
+        bad_log: str | Path | None = None,
+        raw_bytes: bool = False,
+    ) -> None:
         self.src = src
         self.dec = _Decode(src, transform, draft_size, raw_bytes)
         self.train = train
@@ -608,20 +627,50 @@ class HFStreamSet(IterableDataset):
         return item
 
 
-def _stream_set(src: HFSource, d: Any, tf: Callable, size: int, train: bool, seed: int,
-                world_size: int, rank: int, common: dict) -> HFStreamSet:  # fmt: skip
+def _stream_set(
+    src: HFSource,
+    d: Any,
+    tf: Callable,
+    size: int,
+    train: bool,
+    seed: int,
+    world_size: int,
+    rank: int,
+    common: dict,
+) -> HFStreamSet:
     rest = {k: v for k, v in common.items() if k not in ("world_size", "rank")}
-    return HFStreamSet(src, tf, size, train, d.batch_size if train else 1, seed, world_size, rank,
-                       d.workers, **rest)  # fmt: skip
+    return HFStreamSet(
+        src,
+        tf,
+        size,
+        train,
+        d.batch_size if train else 1,
+        seed,
+        world_size,
+        rank,
+        d.workers,
+        **rest,
+    )
 
 
-def hf_datasets(train_src: HFSource, val_src: HFSource, d: Any, train_tf: Callable,
-                eval_tf: Callable, size: int, seed: int, world_size: int, rank: int,
-                common: dict) -> tuple[Dataset, Dataset]:  # fmt: skip
+def hf_datasets(
+    train_src: HFSource,
+    val_src: HFSource,
+    d: Any,
+    train_tf: Callable,
+    eval_tf: Callable,
+    size: int,
+    seed: int,
+    world_size: int,
+    rank: int,
+    common: dict,
+) -> tuple[Dataset, Dataset]:
     """``(train, val)`` torch datasets: map-style (:class:`HFImageDataset`) or streamed."""
     if train_src.streaming:
-        return (_stream_set(train_src, d, train_tf, size, True, seed, world_size, rank, common),
-                _stream_set(val_src, d, eval_tf, size, False, seed, world_size, rank, common))  # fmt: skip
+        return (
+            _stream_set(train_src, d, train_tf, size, True, seed, world_size, rank, common),
+            _stream_set(val_src, d, eval_tf, size, False, seed, world_size, rank, common),
+        )
     raw = common.get("raw_bytes", False)
     return HFImageDataset(train_src, train_tf, size, raw), HFImageDataset(
         val_src, eval_tf, size, raw

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mlic.data import read_json
-from mlic.errors import DataError
+from mlic.errors import ConfigError, DataError
 
 __all__ = [
     "ADJACENCY_VARIANTS",
@@ -202,7 +202,9 @@ def mlgcn_adjacency(
     Returns float32 [C, C].
     """
     if variant not in ADJACENCY_VARIANTS:
-        raise ValueError(f"adjacency variant {variant!r}: choose one of {list(ADJACENCY_VARIANTS)}")
+        raise ConfigError(
+            f"adjacency variant {variant!r}: choose one of {list(ADJACENCY_VARIANTS)}"
+        )
     a = (np.asarray(conditional, dtype=np.float64) >= tau).astype(np.float64)
     np.fill_diagonal(a, 0.0)
     eye = np.eye(a.shape[0])

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data import Annotations
-from mlic.data.check import no_label_warnings
+from mlic.data import Annotations, no_label_warnings
 from mlic.errors import DataError
 from mlic.files import path_inside, read_regular_text
 
@@ -99,9 +98,13 @@ def load_nuswide(
         seen[rel] = line_no
         rel_paths.append(rel)
     label_dir = root / label_rel
-    targets = np.stack(
-        [_read_column(label_dir / pattern.format(c), len(rel_paths)) for c in names], axis=1
-    ) if rel_paths else np.zeros((0, len(names)), dtype=np.int8)  # fmt: skip
+    targets = (
+        np.stack(
+            [_read_column(label_dir / pattern.format(c), len(rel_paths)) for c in names], axis=1
+        )
+        if rel_paths
+        else np.zeros((0, len(names)), dtype=np.int8)
+    )
     images = [path_inside(root / image_dir, rel, f"{list_path}:{seen[rel]}") for rel in rel_paths]
     ann = Annotations(names=names, images=images, targets=targets, source=str(list_path))
     ann.warnings = no_label_warnings(rel_paths, targets)

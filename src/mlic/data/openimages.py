@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data import Annotations
-from mlic.data.check import no_label_warnings
+from mlic.data import Annotations, no_label_warnings
 from mlic.errors import DataError
 from mlic.files import path_inside, require_regular_file
 

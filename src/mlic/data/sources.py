@@ -89,8 +89,15 @@ def _lines(path: Path | None) -> int:
         return sum(1 for _ in f)
 
 
-def _loader(ds: Dataset, batch_size: int, workers: int, pin: bool, raw: bool,
-            sampler: Any = None, bad_log: Path | None = None) -> DataLoader:  # fmt: skip
+def _loader(
+    ds: Dataset,
+    batch_size: int,
+    workers: int,
+    pin: bool,
+    raw: bool,
+    sampler: Any = None,
+    bad_log: Path | None = None,
+) -> DataLoader:
     loader = _CountingLoader(
         ds,
         batch_size=batch_size,
@@ -128,25 +135,30 @@ def build_source_loaders(
     raw = d.gpu_decode
     bad_log = Path(run_dir) / "bad_samples.txt" if run_dir is not None else None
     eval_bs = d.eval_batch_size or d.batch_size
-    common = dict(world_size=world_size, rank=rank, skip_bad=d.skip_bad_images,
-                  bad_log=bad_log, raw_bytes=raw)  # fmt: skip
+    common = dict(
+        world_size=world_size, rank=rank, skip_bad=d.skip_bad_images, bad_log=bad_log, raw_bytes=raw
+    )
     if d.format == "wds":
         from mlic.data.wds import ShardEvalSet, ShardTrainSet
 
-        train_set = ShardTrainSet(train_src, train_tf, image_size, d.batch_size, seed,
-                                  workers=d.workers, **common)  # fmt: skip
+        train_set = ShardTrainSet(
+            train_src, train_tf, image_size, d.batch_size, seed, workers=d.workers, **common
+        )
         val_set = ShardEvalSet(val_src, eval_tf, image_size, workers=d.workers, **common)
-        train_loader = _loader(train_set, d.batch_size, train_set.workers, pin, raw,
-                               bad_log=bad_log)  # fmt: skip
+        train_loader = _loader(
+            train_set, d.batch_size, train_set.workers, pin, raw, bad_log=bad_log
+        )
         val_loader = _loader(val_set, eval_bs, val_set.workers, pin, raw, bad_log=bad_log)
         return train_set, train_set, train_loader, val_loader
     from mlic.data.hf import hf_datasets
 
-    train_set, val_set = hf_datasets(train_src, val_src, d, train_tf, eval_tf, image_size, seed,
-                                     world_size, rank, common)  # fmt: skip
+    train_set, val_set = hf_datasets(
+        train_src, val_src, d, train_tf, eval_tf, image_size, seed, world_size, rank, common
+    )
     if hasattr(train_set, "set_epoch"):  # streamed: iterable readers like the shards'
-        train_loader = _loader(train_set, d.batch_size, train_set.workers, pin, raw,
-                               bad_log=bad_log)  # fmt: skip
+        train_loader = _loader(
+            train_set, d.batch_size, train_set.workers, pin, raw, bad_log=bad_log
+        )
         val_loader = _loader(val_set, eval_bs, val_set.workers, pin, raw, bad_log=bad_log)
         return train_set, train_set, train_loader, val_loader
     train_sampler = SeededSampler(len(train_set), True, seed, world_size, rank, pad=True)
@@ -157,17 +169,23 @@ def build_source_loaders(
 
 
 def open_eval_source(
-    data_cfg: Any, split: str, names: list[str], transform: Callable, image_size: int,
-    batch_size: int, workers: int,
-) -> tuple[DataLoader, int | None]:  # fmt: skip
+    data_cfg: Any,
+    split: str,
+    names: list[str],
+    transform: Callable,
+    image_size: int,
+    batch_size: int,
+    workers: int,
+) -> tuple[DataLoader, int | None]:
     """``(loader, number of samples or None)`` to evaluate a checkpoint on a ``wds``/``hf``
     split in one process (``mlic eval``)."""
     src = _open(data_cfg, split, class_names=names)
     if data_cfg.format == "wds":
         from mlic.data.wds import ShardEvalSet
 
-        ds = ShardEvalSet(src, transform, image_size, workers=workers,
-                          skip_bad=data_cfg.skip_bad_images)  # fmt: skip
+        ds = ShardEvalSet(
+            src, transform, image_size, workers=workers, skip_bad=data_cfg.skip_bad_images
+        )
         return _loader(ds, batch_size, ds.workers, False, False), src.num_samples
     from mlic.data.hf import hf_eval_dataset
 

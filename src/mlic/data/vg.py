@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data import Annotations, read_json
-from mlic.data.check import no_label_warnings
+from mlic.data import Annotations, no_label_warnings, read_json
 from mlic.errors import DataError
 from mlic.files import path_inside, read_regular_text
 

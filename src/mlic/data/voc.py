@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data import Annotations
-from mlic.data.check import no_label_warnings
+from mlic.data import Annotations, no_label_warnings
 from mlic.errors import DataError
 from mlic.files import (
     MAX_ANNOTATION_BYTES,
@@ -25,10 +24,27 @@ from mlic.files import (
 __all__ = ["VOC_CLASSES", "load_voc", "parse_voc_xml"]
 
 VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-]  # fmt: skip
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 
 def parse_voc_xml(path: Path) -> tuple[str | None, list[tuple[str, bool, int]]]:

@@ -81,8 +81,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mlic.data import Annotations
 from mlic.data.labels import LabelSet, check_class_names
 from mlic.data.transforms import apply_seeded, decode_image
-from mlic.engine.faults import maybe_kill  # a leaf module (as mlic.files uses it): the kill tests
 from mlic.errors import DataError
+from mlic.faults import maybe_kill  # a leaf module (as mlic.files uses it): the kill tests
 from mlic.files import MAX_IMAGE_BYTES, file_sha256, read_regular_bytes, write_text
 
 __all__ = [
@@ -305,7 +305,7 @@ def pack_shards(
                 "sha256": file_sha256(out / name),
             }
             for name, n in writer.done
-        ],  # fmt: skip
+        ],
     }
     write_text(out / INDEX_NAME, json.dumps(index, separators=(",", ":")))  # last: the pack is done
     (out / PACK_LOCK).unlink(missing_ok=True)
@@ -961,8 +961,15 @@ class ShardTrainSet(_ShardReader):
     ``set_epoch(epoch, start)``: ``start`` = global samples already consumed this epoch.
     """
 
-    def __init__(self, index: ShardIndex, transform: Callable | None, draft_size: int | None,
-                 batch_size: int, seed: int = 0, **kw: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        index: ShardIndex,
+        transform: Callable | None,
+        draft_size: int | None,
+        batch_size: int,
+        seed: int = 0,
+        **kw: Any,
+    ) -> None:
         super().__init__(index, transform, draft_size, **kw)
         self.batch_size = batch_size
         self.seed = seed
@@ -973,8 +980,14 @@ class ShardTrainSet(_ShardReader):
                 "least one: pack with a smaller --shard-size"
             )
         if self.workers > n // self.world_size:
-            log.info("%s: %d shards for %d ranks: %d data-loader workers per rank instead of %d",
-                     index.source, n, self.world_size, n // self.world_size, self.workers)  # fmt: skip
+            log.info(
+                "%s: %d shards for %d ranks: %d data-loader workers per rank instead of %d",
+                index.source,
+                n,
+                self.world_size,
+                n // self.world_size,
+                self.workers,
+            )
             self.workers = n // self.world_size
         self.slots = assign_slots([s.num_samples for s in index.shards], self.num_slots)
         largest = max(sum(index.shards[i].num_samples for i in s) for s in self.slots)

@@ -1,1 +1,1 @@
-"""Training engine: the loop, checkpoints, EMA and distributed helpers."""
+"""Training engine: the loop as phases, its data and run folder, checkpoints, precision, DDP."""

@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from mlic.config import DEFAULT_IMAGE_SIZE
 from mlic.errors import CheckpointError
 from mlic.files import atomic_write, display_path, require_regular_file
 
@@ -84,7 +85,11 @@ def save_checkpoint(
         "num_classes": len(label_names),
         "model_kwargs": kwargs,
         "label_names": list(label_names),
-        "input_size": list(metadata.pop("input_size", cfg.get("input_size", (3, 448, 448)))),
+        "input_size": list(
+            metadata.pop(
+                "input_size", cfg.get("input_size", (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))
+            )
+        ),
         "mean": list(metadata.pop("mean", cfg.get("mean", (0.485, 0.456, 0.406)))),
         "std": list(metadata.pop("std", cfg.get("std", (0.229, 0.224, 0.225)))),
         **metadata,
@@ -190,7 +195,7 @@ def validate_metadata(meta: dict[str, Any], where: str, label_count: bool = True
             raise bad(f"model_kwargs.{k}", f"is not a plain option value ({v!r:.60})")
     if kwargs.get("pretrained") not in (None, False):  # weights come from the file, nothing else
         raise bad("model_kwargs.pretrained", "must be false (a checkpoint holds its weights)")
-    size = meta.get("input_size", [3, 448, 448])
+    size = meta.get("input_size", [3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE])
     if (
         not isinstance(size, list)
         or len(size) != 3
@@ -235,10 +240,10 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model named in the metadata and load its tensors strictly.
 
-    ``path``: a ``.safetensors`` file or ``hf-hub:ORG/NAME`` (see :mod:`mlic.hub`).
+    ``path``: a ``.safetensors`` file or ``hf-hub:ORG/NAME`` (see :mod:`mlic.hub_files`).
     """
-    from mlic.hub import resolve_checkpoint
-    from mlic.models.registry import create_model, is_model
+    from mlic.hub_files import resolve_checkpoint
+    from mlic.models import create_model, is_model
 
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
@@ -284,8 +289,11 @@ def load_state_strict(
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and own[k].shape != state[k].shape]  # fmt: skip
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and own[k].shape != state[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:

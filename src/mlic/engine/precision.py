@@ -8,11 +8,8 @@ dot-product instructions oneDNN uses for convolutions and matmuls. Elsewhere bf1
 emulated in fp32 arithmetic plus conversions and is slower than fp32, so ``auto`` stays fp32.
 
 Autocast keeps the master weights, the optimiser state and the loss in fp32; only the
-matmuls and convolutions (and what autocast lists with them) run in bf16. The measurement
-behind the CPU choice is in ``benchmarks/BENCHMARKS.md`` section 10.2: on real VOC
-photographs, three seeds each, bf16 reached the fp32 mAP within the seed-to-seed spread
-(baseline 72.2 vs 72.5, msformer 59.0 vs 58.8), and its step was 1.5-1.9x faster at
-ResNet-101 / 448 px on an AVX512-BF16 CPU.
+matmuls and convolutions (and what autocast lists with them) run in bf16. Why bf16 on such
+CPUs: the same mAP within the seed-to-seed spread and a faster step (BENCHMARKS.md 10.2).
 
 The CPU's flags are read from ``/proc/cpuinfo`` (Linux). Where that is absent the CPU is
 treated as having no bf16 units (``auto`` = fp32); ``bf16`` can still be asked for.
@@ -25,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlic.engine.host import cpu_info
+from mlic.host import cpu_info
 
 __all__ = [
     "BF16_UNITS",

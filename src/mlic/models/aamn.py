@@ -80,9 +80,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlic.models.layers import ClassWiseAttention, ClassWiseLinear, MultiLabelModel
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.errors import ConfigError
+from mlic.models._base import MultiLabelModel
+from mlic.models._layers import ClassWiseAttention, ClassWiseLinear
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = ["AAMN", "ChannelRelation", "SpatialRelation", "CategoricalMemory", "AAMN_PUBLISHED"]
 
@@ -181,7 +183,7 @@ class CategoricalMemory(nn.Module):
     def __init__(self, num_classes: int, dim: int, momentum: float = 0.9) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"memory momentum must be in [0, 1), got {momentum}")
+            raise ConfigError(f"memory momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         self.query = nn.Linear(dim, dim)
         self.register_buffer("memory", torch.zeros(num_classes, dim))

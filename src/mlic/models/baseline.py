@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mlic.models.layers import MultiLabelModel
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.models._base import MultiLabelModel
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = ["Baseline", "BASELINE_PUBLISHED"]
 

@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlic.errors import ConfigError
-from mlic.models.layers import MultiLabelModel
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.models._base import MultiLabelModel
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = [
     "CSRA",

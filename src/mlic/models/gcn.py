@@ -72,16 +72,16 @@ import torch
 import torch.nn as nn
 
 from mlic.errors import ConfigError
-from mlic.models.layers import (
+from mlic.models._base import MultiLabelModel
+from mlic.models._layers import (
     ClassWiseAttention,
     GCNStack,
     GlobalPool,
     LabelEmbedding,
-    MultiLabelModel,
     label_graph,
 )
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = ["GCNClassifierGenerator", "LearnedClassifiers", "MLGCN", "AttnGCN"]
 
@@ -130,12 +130,9 @@ class GCNClassifierGenerator(nn.Module):
             "adjacency", label_graph(labels, num_classes, "mlgcn", tau, p, adjacency)
         )
         self.gcn = GCNStack((self.embedding.dim, hidden_dim, out_dim), negative_slope)
-        # OURS: the last graph convolution starts at zero, so the generated classifiers, and
-        # with them the logits, start at 0 (as a zero-initialised linear head). With the
-        # default init, 300-d GloVe vectors (norm ~6.7) give logits of std ~7 and |max| ~36 on
-        # real photos at step 0 (measured, Lite0 on VOC): most negatives start at p > 0.999,
-        # where ASL's probability shift has no gradient, and training stalls (loss 1.68 after
-        # 5 epochs, mAP 25 on real VOC photos).
+        # OURS: the last graph convolution starts at zero, so the generated classifiers and
+        # the logits start at 0 (as a zero-initialised linear head); with the default init
+        # most negatives start at p > 0.999, where ASL has no gradient (BENCHMARKS.md 9.2).
         nn.init.zeros_(self.gcn.layers[-1].linear.weight)
 
     @property

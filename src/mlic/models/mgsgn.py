@@ -85,14 +85,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlic.models.layers import (
-    ClassWiseAttention,
-    ClassWiseLinear,
-    GCNStack,
-    MultiLabelModel,
-    label_graph,
-)
-from mlic.models.registry import register_model
+from mlic.errors import ConfigError
+from mlic.models._base import MultiLabelModel
+from mlic.models._layers import ClassWiseAttention, ClassWiseLinear, GCNStack, label_graph
+from mlic.models._registry import register_model
 
 __all__ = [
     "MGSGN",
@@ -328,7 +324,7 @@ class MGSGN(MultiLabelModel):
         levels = (-3, -2, -1) if cross_layer else (-1,)
         super().__init__(num_classes, backbone, pretrained, levels, drop_path_rate)
         if dual_branch not in DUAL_BRANCH:
-            raise ValueError(f"dual_branch={dual_branch!r}: choose one of {list(DUAL_BRANCH)}")
+            raise ConfigError(f"dual_branch={dual_branch!r}: choose one of {list(DUAL_BRANCH)}")
         self.cross_layer: nn.Module = (
             CrossLayerAttention(self.backbone.channels, dim)
             if cross_layer

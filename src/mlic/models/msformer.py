@@ -43,9 +43,9 @@ Choices that are OURS (the paper is silent or ambiguous), and why:
   within 2 % of the paper's count (69.96 M vs 69.84 M).
 * Convolutions of Eq. 1 have a bias and no normalisation/activation (Eq. 1 shows none);
   dropout 0.1 on the residual branches and in the FFN (DETR/Q2L) but 0 on the attention
-  weights (``attn_dropout=0.0``, timm ViT's default): with it PyTorch's fused CPU
-  flash-attention kernel runs, measured 3.5x faster fwd+bwd than the math path that
-  attention dropout forces (``attn_dropout=0.1`` gives DETR's setting); Xavier-uniform init
+  weights (``attn_dropout=0.0``, timm ViT's default), so that PyTorch's fused CPU
+  flash-attention kernel runs (BENCHMARKS.md section 5; ``attn_dropout=0.1`` gives DETR's
+  setting); Xavier-uniform init
   of the Transformer weights (DETR/Q2L); positional encodings init N(0, 0.02) truncated
   (ViT); label embeddings N(0, 0.1); a zero-initialised classifier (ViT's head init), so
   that early Adam steps do not throw the post-norm Transformer around through random
@@ -73,15 +73,12 @@ Choices that are OURS (the paper is silent or ambiguous), and why:
   layer4-only baseline (``("x2",)``, the 1x1 conv of layer4) but shows Modes 1-2 only in a
   table image; OUR reading is Mode 1 = ``("x1", "x2")`` (layer3 + layer4, no coarse map) and
   Mode 2 = ``("x2", "x3")`` (layer4's two scales). Scale attention needs two branches or more.
-* Learning quality (measured, ``benchmarks/BENCHMARKS.md`` "Real photographs"): the scale
-  product ``m = x1 * x2 * x3`` of Eq. 3 multiplies three unnormalised convolution outputs
-  (std 3.9, 1.6 and 1.4 on ImageNet EfficientNet-Lite0 features of real VOC photos), so ``m``
-  is heavy-tailed and, added at full weight, dominates every branch (std 6-9 after Eq. 4).
-  Training the head alone on frozen features of real photos for 150 steps: mAP 52.0 with the
-  paper's fusion, 77.4 with ``scale_fusion="none"``, 69.8 for a linear head. OURS: ``m`` is
-  added as ``gamma * m`` with a learnable scalar ``gamma`` that starts at 0
-  (``scale_gate_init=0.0``), so the fusion starts as the identity and grows as it helps;
-  ``scale_gate_init=None`` is the paper's fixed weight 1.
+* The scale product ``m = x1 * x2 * x3`` of Eq. 3 multiplies three unnormalised convolution
+  outputs, so ``m`` is heavy-tailed and, added at full weight, dominates every branch and
+  held the head back on real photos (BENCHMARKS.md 9.2). OURS: ``m`` is added as
+  ``gamma * m`` with a learnable scalar ``gamma`` that starts at 0 (``scale_gate_init=0.0``),
+  so the fusion starts as the identity and grows as it helps; ``scale_gate_init=None`` is
+  the paper's fixed weight 1.
 * Input sizes other than 448: ``pos_image_size`` sizes the positional encodings (e.g. 576 for
   the 576 px COCO recipe, ``msformer_coco2014_576``).
 """
@@ -94,15 +91,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlic.models.layers import (
+from mlic.errors import ConfigError
+from mlic.models._base import MultiLabelModel
+from mlic.models._layers import (
     LabelEmbedding,
     LabelQueryDecoderLayer,
-    MultiLabelModel,
     TransformerEncoderLayer,
     tokens_to_maps,
 )
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = ["MSFormer", "HierarchicalScaleAttention", "msformer", "MSFORMER_PUBLISHED"]
 
@@ -153,7 +151,7 @@ class HierarchicalScaleAttention(nn.Module):
     def __init__(self, mode: str = "bilinear", gate_init: float | None = 0.0) -> None:
         super().__init__()
         if mode not in INTERPOLATION_MODES:
-            raise ValueError(f"interpolation {mode!r} is not one of {list(INTERPOLATION_MODES)}")
+            raise ConfigError(f"interpolation {mode!r} is not one of {list(INTERPOLATION_MODES)}")
         self.mode = mode
         self.gamma = None if gate_init is None else nn.Parameter(torch.full((1,), gate_init))
 
@@ -184,7 +182,7 @@ def _self_attention_layers(setting: bool | str, num_decoders: int) -> list[bool]
     elif setting is False:
         setting = "none"
     if setting not in DECODER_SELF_ATTENTION:
-        raise ValueError(
+        raise ConfigError(
             f"decoder_self_attention={setting!r}: choose True/False or one of "
             f"{list(DECODER_SELF_ATTENTION)}"
         )
@@ -192,6 +190,39 @@ def _self_attention_layers(setting: bool | str, num_decoders: int) -> list[bool]
         setting == "all" or (setting == "first" and j == 0) or (setting == "rest" and j > 0)
         for j in range(num_decoders)
     ]
+
+
+def _check_options(
+    branches: Sequence[str],
+    scale_fusion: str,
+    interpolation: str,
+    classifier: str,
+    num_encoders: int,
+    num_decoders: int,
+) -> tuple[str, ...]:
+    """The ablation switches checked (ConfigError naming the option); the branches in
+    :data:`BRANCHES` order, largest map first."""
+    branches = tuple(branches)
+    if (
+        not branches
+        or any(b not in BRANCHES for b in branches)
+        or len(set(branches)) < len(branches)
+    ):
+        raise ConfigError(f"branches={list(branches)}: a non-empty subset of {list(BRANCHES)}")
+    if scale_fusion not in SCALE_FUSION_MODES:
+        raise ConfigError(f"scale_fusion={scale_fusion!r} is not one of {list(SCALE_FUSION_MODES)}")
+    if interpolation not in INTERPOLATION_MODES:
+        raise ConfigError(
+            f"interpolation={interpolation!r} is not one of {list(INTERPOLATION_MODES)}"
+        )
+    if classifier not in CLASSIFIERS:
+        raise ConfigError(f"classifier={classifier!r} is not one of {list(CLASSIFIERS)}")
+    if num_encoders < 0 or num_decoders < 1:
+        raise ConfigError(
+            f"need num_encoders >= 0 and num_decoders >= 1 (the label queries are the "
+            f"decoders' output), got {num_encoders} and {num_decoders}"
+        )
+    return tuple(b for b in BRANCHES if b in branches)
 
 
 class MSFormer(MultiLabelModel):
@@ -240,36 +271,42 @@ class MSFormer(MultiLabelModel):
         ``("x1", "x2", "x3")`` (Table 5; ``("x2",)`` is the layer4-only baseline),
         ``region_selection=False`` (Table 4), ``scale_fusion="none"``, ``num_encoders=0``."""
         super().__init__(num_classes, backbone, pretrained, (-2, -1), drop_path_rate)
-        branches = tuple(branches)
-        if (
-            not branches
-            or any(b not in BRANCHES for b in branches)
-            or len(set(branches)) < len(branches)
-        ):
-            raise ValueError(f"branches={list(branches)}: a non-empty subset of {list(BRANCHES)}")
-        branches = tuple(b for b in BRANCHES if b in branches)  # largest map first
-        if scale_fusion not in SCALE_FUSION_MODES:
-            raise ValueError(
-                f"scale_fusion={scale_fusion!r} is not one of {list(SCALE_FUSION_MODES)}"
-            )
-        if interpolation not in INTERPOLATION_MODES:
-            raise ValueError(
-                f"interpolation={interpolation!r} is not one of {list(INTERPOLATION_MODES)}"
-            )
-        if classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier={classifier!r} is not one of {list(CLASSIFIERS)}")
-        if num_encoders < 0 or num_decoders < 1:
-            raise ValueError(
-                f"need num_encoders >= 0 and num_decoders >= 1 (the label queries are the "
-                f"decoders' output), got {num_encoders} and {num_decoders}"
-            )
-        c3, c4 = self.backbone.channels  # layer3, layer4 channels
-        s3, s4 = self.backbone.strides
+        self.branches = _check_options(
+            branches, scale_fusion, interpolation, classifier, num_encoders, num_decoders
+        )
         self.d_model = d_model
         self.interpolation = interpolation
+        self._build_branches(pos_image_size, scale_fusion, scale_gate_init)
+        # Sections 3.4-3.5: one encoder stack, one decoder stack, one label-query set, shared
+        layer = dict(
+            num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, attn_dropout=attn_dropout
+        )
+        self.encoders = nn.ModuleList(
+            [TransformerEncoderLayer(d_model, **layer) for _ in range(num_encoders)]
+        )
+        self.region_selection = region_selection
+        self.decoders = nn.ModuleList(
+            []
+            if not region_selection
+            else [
+                LabelQueryDecoderLayer(d_model, self_attention=sa, **layer)
+                for sa in _self_attention_layers(decoder_self_attention, num_decoders)
+            ]
+        )
+        # learnable label embeddings (the paper uses no word vectors)
+        self.label_embed = (
+            LabelEmbedding(num_classes, None, d_model, learnable=True) if region_selection else None
+        )
+        self._build_classifier(classifier)
+        self._reset_parameters()
 
-        # Eq. 1: one convolution per branch; (backbone map index, conv) pairs
-        self.branches = branches
+    def _build_branches(
+        self, pos_image_size: int | None, scale_fusion: str, scale_gate_init: float | None
+    ) -> None:
+        """Eq. 1's convolution per branch, the scale attention and Eq. 6's positional encodings."""
+        c3, c4 = self.backbone.channels  # layer3, layer4 channels
+        s3, s4 = self.backbone.strides
+        d_model, branches = self.d_model, self.branches
         size = pos_image_size or self.default_image_size
         h2 = _grid(size, s4)
         spec = {  # branch -> (backbone map, conv, grid at pos_image_size): 28, 14, 7 at 448 px
@@ -286,54 +323,25 @@ class MSFormer(MultiLabelModel):
         # a single branch has no other scale to fuse with
         fuse = scale_fusion == "hierarchical" and len(branches) > 1
         self.scale_attention = (
-            HierarchicalScaleAttention(interpolation, scale_gate_init) if fuse else None
+            HierarchicalScaleAttention(self.interpolation, scale_gate_init) if fuse else None
         )
-
         # Eq. 6: learnable positional encodings sized for the default input
         grids = [spec[b][2] for b in branches]
         self.pos_embed = nn.ParameterList(
             [nn.Parameter(torch.zeros(1, d_model, g, g)) for g in grids]
         )
 
-        # Sections 3.4-3.5: one encoder stack, one decoder stack, one label-query set, shared
-        self.encoders = nn.ModuleList(
-            [
-                TransformerEncoderLayer(d_model, num_heads, ffn_dim, dropout, attn_dropout)
-                for _ in range(num_encoders)
-            ]
-        )
-        self.region_selection = region_selection
-        self.decoders = nn.ModuleList(
-            []
-            if not region_selection
-            else [
-                LabelQueryDecoderLayer(
-                    d_model,
-                    num_heads,
-                    ffn_dim,
-                    dropout,
-                    self_attention=sa,
-                    attn_dropout=attn_dropout,
-                )
-                for sa in _self_attention_layers(decoder_self_attention, num_decoders)
-            ]
-        )
-        # learnable label embeddings (the paper uses no word vectors)
-        self.label_embed = (
-            LabelEmbedding(num_classes, None, d_model, learnable=True) if region_selection else None
-        )
-
-        # Section 3.6: Z [C, 3d] -> one score per class
-        z_dim = len(self.branch_convs) * d_model
+    def _build_classifier(self, classifier: str) -> None:
+        """Section 3.6: Z [C, n * d] -> one score per class (per-class weights or one shared fc)."""
+        z_dim = len(self.branch_convs) * self.d_model
         if classifier == "per_class":
-            self.class_weight = nn.Parameter(torch.zeros(num_classes, z_dim))
-            self.class_bias = nn.Parameter(torch.zeros(num_classes))
+            self.class_weight = nn.Parameter(torch.zeros(self.num_classes, z_dim))
+            self.class_bias = nn.Parameter(torch.zeros(self.num_classes))
             self.shared_fc = None
         else:
             self.class_weight = None
             self.class_bias = None
             self.shared_fc = nn.Linear(z_dim, 1)
-        self._reset_parameters()
 
     def _reset_parameters(self) -> None:
         for stack in (self.encoders, self.decoders):
@@ -396,7 +404,7 @@ class MSFormer(MultiLabelModel):
             tokens = layer(tokens, segments=lengths)  # [B, sum h_i*w_i, D]
         if not self.region_selection:  # Table 4 ablation: no class-specific features
             if need_weights:
-                raise ValueError("msformer without region selection has no label attention")
+                raise ConfigError("msformer without region selection has no label attention")
             c = self.num_classes
             pooled = [t.mean(dim=1, keepdim=True) for t in tokens.split(lengths, dim=1)]
             return [p.expand(-1, c, -1) for p in pooled], None  # n x [B, C, D]

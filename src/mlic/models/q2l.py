@@ -49,16 +49,16 @@ import torch
 import torch.nn as nn
 
 from mlic.errors import ConfigError
-from mlic.models.layers import (
+from mlic.models._base import MultiLabelModel
+from mlic.models._layers import (
     ClassWiseLinear,
     LabelQueryDecoderLayer,
-    MultiLabelModel,
     TransformerEncoderLayer,
     sine_position_encoding,
     tokens_to_maps,
 )
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = ["Query2Label", "Q2L_PUBLISHED"]
 

@@ -55,15 +55,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mlic.models.layers import (
-    ClassWiseLinear,
-    LabelEmbedding,
-    MultiLabelModel,
-    label_graph,
-    tokens_to_maps,
-)
-from mlic.models.papers import PaperResult
-from mlic.models.registry import register_model
+from mlic.errors import ConfigError
+from mlic.models._base import MultiLabelModel
+from mlic.models._layers import ClassWiseLinear, LabelEmbedding, label_graph, tokens_to_maps
+from mlic.models._papers import PaperResult
+from mlic.models._registry import register_model
 
 __all__ = ["SSGRL", "SemanticDecoupling", "GatedGraphNetwork", "SSGRL_PUBLISHED"]
 
@@ -112,7 +108,7 @@ class GatedGraphNetwork(nn.Module):
     def __init__(self, dim: int, steps: int = 3) -> None:
         super().__init__()
         if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+            raise ConfigError(f"steps must be >= 0, got {steps}")
         self.dim = dim
         self.steps = steps
         self.w = nn.Linear(2 * dim, 3 * dim)  # W_z, W_r, W_h on the messages (fused)
@@ -136,7 +132,6 @@ class GatedGraphNetwork(nn.Module):
 class SSGRL(MultiLabelModel):
     """Semantic decoupling -> GGNN over the label graph -> per-class classifiers."""
 
-    default_image_size = 448
     paper = {
         "resolution": 576,
         "loss": "bce",

@@ -489,8 +489,9 @@ class WaitForFirstBatchedLoop(BatchedLoop):
             response_queue_id, uid, timestamp, x_enc = item
             if deadline is None:
                 deadline = time.monotonic() + lit_api.batch_timeout
-            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
-                              LoopResponseType.REGULAR)  # fmt: skip
+            self.put_response(
+                transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
+            )
             if lit_api.request_timeout not in (-1, False) and (
                 time.monotonic() - timestamp > lit_api.request_timeout
             ):
@@ -539,7 +540,7 @@ class MlicAPI(ls.LitAPI):
 
     # -- inference worker
     def setup(self, device: str) -> None:
-        from mlic.engine.host import retain_freed_memory
+        from mlic.host import retain_freed_memory
         from mlic.inference import OnnxPredictor, Predictor
 
         stopping = self.stopping
@@ -641,8 +642,13 @@ class MlicAPI(ls.LitAPI):
                     }
                 results.append(entry)
                 k += 1
-            out.append({"model": self.predictor.meta.get("model"), "batch_size": len(requests),
-                        "results": results})  # fmt: skip
+            out.append(
+                {
+                    "model": self.predictor.meta.get("model"),
+                    "batch_size": len(requests),
+                    "results": results,
+                }
+            )
         return out
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
@@ -692,7 +698,7 @@ PREDICT_OPENAPI = {
         "200": {
             "description": "per image: labels above threshold with probabilities; "
             "optionally all scores and base64 PNG heat-map overlays"
-        },  # fmt: skip
+        },
         "400": {"description": "bad request (empty, truncated, wrong field), JSON detail"},
         "401": {"description": "bearer token missing or wrong"},
         "413": {"description": "file or request too large, too many images, too many pixels"},
@@ -797,17 +803,15 @@ def _head_deadline_protocol(seconds: float) -> type:
     return HeadDeadlineProtocol
 
 
-def build_server(config: ServeConfig) -> ls.LitServer:
-    """The LitServer with the API, the page, /v1/model, /healthz, /readyz and /metrics."""
-    global _RUNTIME
+def _build_runtime(config: ServeConfig) -> _Runtime:
+    """The model's description, the counters shared with the worker processes, and the
+    Prometheus registry (request counts, errors, latency, queue depth, batch sizes)."""
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
     path, meta = resolve_model(config)
     config.model_path = str(path)
     info = model_info(path, meta, config.backend, str(serve_precision(config)))
     spawn = mp.get_context("spawn")  # shared with spawned inference workers
-    batch_requests = spawn.Array("q", len(BATCH_BUCKETS) + 2)
-    batch_images = spawn.Array("q", len(BATCH_BUCKETS) + 2)
     rt = _Runtime(
         config=config,
         info=info,
@@ -816,46 +820,30 @@ def build_server(config: ServeConfig) -> ls.LitServer:
         draining=mp.Value("i", 0),
         failed=mp.Value("i", 0),
         stopping=spawn.Value("i", 0),
-        batch_requests=batch_requests,
-        batch_images=batch_images,
+        batch_requests=spawn.Array("q", len(BATCH_BUCKETS) + 2),
+        batch_images=spawn.Array("q", len(BATCH_BUCKETS) + 2),
     )
     registry = CollectorRegistry()
+    latency_doc = "predict request latency"
     rt.metrics = {
         "registry": registry,
         "requests": Counter(
             "mlic_requests", "predict requests by status code", ["code"], registry=registry
-        ),  # fmt: skip
+        ),
         "errors": Counter(
             "mlic_errors", "predict requests answered with an error (4xx/5xx)", registry=registry
-        ),  # fmt: skip
+        ),
         "latency": Histogram(
-            "mlic_request_latency_seconds",
-            "predict request latency",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        ),  # fmt: skip
+            "mlic_request_latency_seconds", latency_doc, buckets=LATENCY_BUCKETS, registry=registry
+        ),
     }
     registry.register(_metrics_collector(rt))
-    _RUNTIME = rt
+    return rt
 
-    api = MlicAPI(config, batch_requests, batch_images, rt.stopping)
-    accelerator = "cpu" if config.device == "cpu" else "cuda"
-    server = _MlicServer(
-        api,
-        accelerator=accelerator,
-        devices=1,
-        workers_per_device=config.workers,
-        timeout=config.timeout_s,
-    )
-    server.mlic_stopping = rt.stopping
-    server._monitor_workers = False  # watch_processes replaces LitServe's watcher
-    server.uvicorn_graceful_timeout = config.drain_timeout_s
-    app = server.app
-    app.title = "mlic serve"
-    app.description = (
-        f"Multi-label image classification: {info['name']} ({len(info['labels'])} labels)"
-    )
-    # LitServe's own "/" says "litserve running"; the page takes its place.
+
+def _add_routes(app: Any, server: ls.LitServer, api: "MlicAPI", rt: _Runtime) -> None:
+    """The page, /v1/model, /healthz, /readyz, /metrics and the request counter; LitServe's
+    own "/" ("litserve running") gives way to the page."""
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
     for route in app.router.routes:
         if getattr(route, "path", None) == "/v1/predict":
@@ -896,7 +884,7 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(rt.metrics["registry"]), media_type=CONTENT_TYPE_LATEST)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
@@ -910,6 +898,30 @@ def build_server(config: ServeConfig) -> ls.LitServer:
             rt.metrics["errors"].inc()
         return response
 
+
+def build_server(config: ServeConfig) -> ls.LitServer:
+    """The LitServer with the API, the page, /v1/model, /healthz, /readyz and /metrics."""
+    global _RUNTIME
+    rt = _build_runtime(config)
+    _RUNTIME = rt
+    api = MlicAPI(config, rt.batch_requests, rt.batch_images, rt.stopping)
+    accelerator = "cpu" if config.device == "cpu" else "cuda"
+    server = _MlicServer(
+        api,
+        accelerator=accelerator,
+        devices=1,
+        workers_per_device=config.workers,
+        timeout=config.timeout_s,
+    )
+    server.mlic_stopping = rt.stopping
+    server._monitor_workers = False  # watch_processes replaces LitServe's watcher
+    server.uvicorn_graceful_timeout = config.drain_timeout_s
+    app = server.app
+    app.title = "mlic serve"
+    app.description = (
+        f"Multi-label image classification: {rt.info['name']} ({len(rt.info['labels'])} labels)"
+    )
+    _add_routes(app, server, api, rt)
     return server
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from mlic.data.transforms import IMAGE_FORMATS, build_transform, load_image
@@ -319,10 +318,3 @@ class ImagePreparer:
         except (binascii.Error, ValueError):
             raise RequestError(422, f"{name}: not valid base64") from None
         return self.prepare(name, data, keep_photo)
-
-
-def normalise_batch(pixels: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> float32 ``(x / 255 - mean) / std`` as the eval transform does it."""
-    from mlic.data.transforms import ToNormalizedFloat
-
-    return ToNormalizedFloat(mean, std)(pixels)  # [B, 3, S, S]

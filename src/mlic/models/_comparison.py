@@ -1,74 +1,23 @@
-"""Published results: what each model's paper reported, and a run's figures beside them.
-
-Every model's registry entry (``@register_model(published=...)``) holds its published
-results as :class:`PaperResult` rows: dataset, backbone, input size, mAP, CF1, OF1,
-parameters and the source of each figure. That entry is the one place for these numbers:
-``mlic models --paper`` lists them, and :func:`paper_comparison` (used by ``mlic eval``'s
-report and by the Hugging Face model card) puts the paper's figure beside a run's and says
-what differs (backbone weights, epochs, input size, model selection, evaluation split).
-A value the paper does not give, or that our copy of it does not show (a table printed as
-an image), is None: never estimated.
-"""
+"""A run's figures beside its paper's: ``mlic models --paper`` rows, the eval report and the
+Hugging Face model card's comparison (the figures are the registry's :class:`PaperResult` rows)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import PurePath
 from typing import Any
 
-__all__ = [
-    "DATASETS",
-    "PaperResult",
-    "dataset_of",
-    "paper_comparison",
-    "published_rows",
-]
+from mlic.models._papers import DATASETS, PaperResult
+from mlic.models._registry import is_model, list_models, published_results
 
-#: dataset key -> (name, the split papers report on, a word naming that split in a config)
-DATASETS: dict[str, tuple[str, str, str]] = {
-    "coco2014": ("MS-COCO 2014", "val2014", "val2014"),
-    "voc2007": ("PASCAL VOC 2007", "test", "test"),
-    "voc2012": ("PASCAL VOC 2012", "test (the evaluation server's)", "test"),
-    "vg500": ("Visual Genome 500", "test", "test"),
-    "nuswide": ("NUS-WIDE", "test", "test"),
-}
-
-#: the ImageNet ResNet-101 the papers fine-tune: torchvision's weights (timm tag)
-TORCHVISION_R101 = "resnet101.tv_in1k"
-
-
-@dataclass(frozen=True)
-class PaperResult:
-    """One published result. Metrics in percent at threshold 0.5 (the papers' convention);
-    None where the source does not give the value."""
-
-    dataset: str  # a DATASETS key
-    mAP: float | None
-    source: str  # where the figures come from (paper section/table, official README)
-    CF1: float | None = None
-    OF1: float | None = None
-    input_size: int | None = 448
-    backbone: str = "ResNet-101 (ImageNet)"
-    weights: str | None = TORCHVISION_R101  # the timm tag of the paper's starting weights
-    params_m: float | None = None
-    epochs: int | None = None
-    selection: str | None = None  # how the paper chose the weights it reports, when known
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; one of {sorted(DATASETS)}")
-        if not self.source:
-            raise ValueError("a published result needs its source")
+__all__ = ["dataset_of", "paper_comparison", "published_rows"]
 
 
 def published_rows(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every registered model's published results as plain dicts (``model`` added), sorted
     by model; models without any are listed with one row of None figures."""
-    from mlic.models.registry import list_models, published_results
-
     rows: list[dict[str, Any]] = []
     for name in names if names is not None else list_models():
         results = published_results(name)
@@ -183,8 +132,6 @@ def paper_comparison(
     ``split``: the evaluated split's name (e.g. ``test``, ``annotations/instances_val2014.json``);
     ``params_m``: the run's parameter count in millions, when known.
     """
-    from mlic.models.registry import is_model, published_results
-
     if not isinstance(cfg, Mapping) or not isinstance(model_name, str) or not is_model(model_name):
         return []
     metrics = metrics if isinstance(metrics, Mapping) else {}

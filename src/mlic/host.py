@@ -41,14 +41,10 @@ def _glibc() -> ctypes.CDLL | None:
 def retain_freed_memory() -> bool:
     """Keep memory that tensors free inside the process instead of handing it back to the OS.
 
-    glibc's malloc serves large blocks (above 128 KiB to 32 MiB) with ``mmap`` and returns
-    them with ``munmap`` when freed. A training step frees and re-allocates its activations
-    (tens of MiB each at 448 px), so every step page-faults all of them in again and the
-    kernel zeroes every page: measured 1.23x slower msformer (ResNet-101, 448 px) training
-    steps on the 2-vCPU machine of ``benchmarks/BENCHMARKS.md``. With ``mmap`` off for
-    malloc (``M_MMAP_MAX=0``) and the heap trimmed only above 2 GiB free, freed blocks are
-    reused; the process keeps its peak footprint. The effect of jemalloc/tcmalloc, which
-    PyTorch's CPU performance guides preload, without a preload.
+    Why: glibc returns large freed blocks to the OS (``munmap``), so every training step
+    page-faults its activations in again and the kernel zeroes them (BENCHMARKS.md 10.1).
+    With ``M_MMAP_MAX=0`` and the heap trimmed only above 2 GiB free, freed blocks are reused
+    and the process keeps its peak footprint: jemalloc's effect without a preload.
 
     Process-wide and idempotent; a no-op returning False where the C library is not glibc.
     """
@@ -63,14 +59,9 @@ def retain_freed_memory() -> bool:
 def release_inherited_heap(worker_id: int = 0) -> bool:
     """Give back the free heap memory a forked process inherited (``malloc_trim(0)``).
 
-    A DataLoader worker forked from a process that retains freed memory (above) maps that
-    process's whole heap, free blocks included. The parent rewrites those blocks at its next
-    step, copy-on-write hands it fresh pages, and the worker alone keeps the old ones: each
-    loader's workers pinned a snapshot of the heap as it was when they started (1.6 GB for an
-    msformer run whose validation loader started after the first epoch). Trimmed at the
-    worker's start, only the parent's live data stays shared. Used as the default
-    ``worker_init_fn`` of mlic's loaders (``worker_id`` is that hook's argument); a no-op
-    returning False where the C library is not glibc.
+    Why: a worker forked from a process that retains freed memory (above) would keep, by
+    copy-on-write, a private snapshot of the parent's free heap (BENCHMARKS.md 10.5). The
+    default ``worker_init_fn`` of mlic's loaders; a no-op returning False without glibc.
     """
     libc = _glibc()
     if libc is None:
@@ -112,17 +103,11 @@ def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> CpuInfo:
 
 def onednn_linear_min_rows(info: CpuInfo | None = None) -> int | None:
     """From how many rows a fp32 linear layer runs faster through oneDNN than through BLAS
-    on this CPU (None: never), as measured (``benchmarks/BENCHMARKS.md`` sections 5, 10).
+    on this CPU (None: never).
 
-    PyTorch's BLAS (MKL) takes its AVX2 path on AMD CPUs, oneDNN its AVX-512 one. Where
-    AVX-512 runs at full width, AMD Zen 5 and later (family >= 26), oneDNN is 1.0-1.1x at
-    64-320 rows and 1.8-2.2x from 784 rows up: 256. Zen 4 (family 25) runs AVX-512 as two
-    256-bit halves, so neither peaks clearly higher (2048^3: 165-180 vs 162-211 GFLOP/s over
-    two measurements); there MKL was faster
-    fwd + bwd on most shapes below 400 rows (up to 2x), oneDNN on most from 784 rows up
-    (0.9-1.7x, typically 1.1-1.3x): 1024, also the choice elsewhere (Intel's MKL uses
-    AVX-512 itself).
-    ``MLIC_ONEDNN_LINEAR=0`` turns the route off, ``=1`` takes it from 256 rows.
+    MKL takes its AVX2 path on AMD CPUs, oneDNN its AVX-512 one: 256 rows where AVX-512 runs
+    at full width (AMD Zen 5 and later), 1024 elsewhere (BENCHMARKS.md 10.1 has the
+    measurements). ``MLIC_ONEDNN_LINEAR=0`` turns the route off, ``=1`` takes it from 256 rows.
     """
     forced = os.environ.get("MLIC_ONEDNN_LINEAR")
     if forced in ("0", "1"):
