@@ -129,6 +129,15 @@ def make_coco(
     return path, img_dir
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> Path:
+    """Every test runs in an empty folder of its own: none reads or writes the folder pytest
+    was started from (where `mlic demo` may have left runs/demo, or a user keeps data/)."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
 @pytest.fixture
 def tiny_voc(tmp_path: Path) -> Path:
     """A 5-class VOC-layout set with train (24) and val (12) images of random pixels."""

@@ -89,3 +89,30 @@ def test_every_model_has_its_recipes() -> None:
                 assert cfg.model.backbone == "resnet101.tv_in1k"
                 assert cfg.data.image_size == (576 if name == "ssgrl" else 448)
                 assert cfg.data.format == {"voc2007": "voc", "coco2014": "coco"}[dataset]
+
+
+def test_tests_do_not_see_the_folder_pytest_started_in(tmp_path: Path) -> None:
+    """`mlic demo` then `pytest` in one checkout: the demo's runs/ and data/ are not seen."""
+    repo = Path(__file__).resolve().parents[1]
+    assert Path.cwd() != repo and not any(Path.cwd().iterdir())
+    assert main(["train", "demo", "data.format=voc", f"data.root={tmp_path}/none"]) == 2
+    assert not Path("runs").exists()  # the default run.output_dir is the test's own folder
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("train.epoch=3", "'train.epochs'"),
+        ("trian.epochs=2", "'train'"),
+        ("data.imagesize=64", "'data.image_size'"),
+    ],
+)
+def test_a_misspelt_key_gets_a_did_you_mean(override: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError, match=f"did you mean {suggestion}"):
+        load_config(None, [override])
+
+
+def test_an_unrelated_key_gets_no_guess() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.learning_rate=1"])
+    assert "did you mean" not in str(e.value) and "allowed keys here" in str(e.value)

@@ -119,6 +119,11 @@ def test_eval_cli_on_run_and_checkpoint(
     # a bare checkpoint with data given on the command line
     ck = tmp_path / "copy.safetensors"
     ck.write_bytes((tmp_path / "e" / "best.safetensors").read_bytes())
+    # -q: no progress bar (the default config of a bare checkpoint shows one)
+    data = ["data.format=voc", f"data.root={tiny_voc}", "data.workers=0"]
+    for quiet, bar in (([], True), (["-q"], False)):
+        assert main(["eval", str(ck), *data, "--output", str(tmp_path / "q"), *quiet]) == 0
+        assert ("%|" in capsys.readouterr().err) is bar
     code = main(
         [
             "eval",

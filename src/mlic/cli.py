@@ -135,9 +135,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     retain_freed_memory()  # this process is ours: no page faults per batch
 
+    quiet = ["run.progress=false"] if args.quiet else []  # no progress bar
     out = evaluate_checkpoint(
         args.target,
-        args.overrides,
+        [*args.overrides, *quiet],
         output=args.output,
         split=args.split,
         tune_thresholds=args.tune_thresholds,
@@ -579,6 +580,7 @@ def _add_eval(sub: Any) -> None:
         help="pick per-class thresholds maximising F1 on this split; store them in the checkpoint",
     )
     s.add_argument("--precision", **PRECISION_ARG)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_eval)
 
 

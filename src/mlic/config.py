@@ -6,6 +6,7 @@ An unknown key, a value of the wrong type or a value outside a key's allowed cho
 
 from __future__ import annotations
 
+import difflib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,7 +397,16 @@ def _explain(e: OmegaConfBaseException, origin: str) -> ConfigError:
             if isinstance(schema, DictConfig)
             else sorted(Config.__dataclass_fields__)
         )
-        return ConfigError(f"{origin}: unknown config key {key!r}; allowed keys here: {allowed}")
+        name = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {'.'.join([parent, close[0]]) if parent else close[0]!r}? "
+            if close
+            else ""
+        )
+        return ConfigError(
+            f"{origin}: unknown config key {key!r}; {hint}allowed keys here: {allowed}"
+        )
     return ConfigError(f"{origin}: bad value for {key!r}: {msg}")
 
 
