@@ -173,3 +173,29 @@ def test_refused_export_is_deleted(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"disagrees with eager PyTorch.*removed"):
         export_model(model, tmp_path / "m.onnx", image_size=4, atol=-1.0)  # nothing passes
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("missing", "argv"),
+    [
+        ("onnxscript", ["export", "{ckpt}", "--format", "onnx"]),
+        ("onnxruntime", ["predict", "{onnx}", "{ckpt}", "--backend", "onnxruntime"]),
+    ],
+)
+def test_a_missing_extra_is_one_line_with_the_pip_command(
+    tmp_path: Path, missing: str, argv: list[str], capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """Without the export extra, `mlic export --format onnx` says which extra and how to get it,
+    not "No module named 'onnxscript'" in a traceback."""
+    import sys
+
+    from conftest import one_error_line
+
+    model = mlic.create_model("baseline", 3, backbone=TINY_BACKBONE, pretrained=False)
+    ckpt = mlic.save_checkpoint(
+        model, tmp_path / "m.safetensors", ["a", "b", "c"], input_size=[3, 32, 32]
+    )
+    (tmp_path / "m.onnx").write_bytes(b"not used")
+    monkeypatch.setitem(sys.modules, missing, None)  # import now fails as if not installed
+    line = one_error_line([a.format(ckpt=ckpt, onnx=tmp_path / "m.onnx") for a in argv], capsys)
+    assert "needs the export extra" in line and "pip install 'mlic[export]'" in line, line

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mlic.errors import ConfigError, DataError, MlicError
+from mlic.errors import ConfigError, DataError, MlicError, missing_extra
 
 __all__ = ["main", "resolve_config_path"]
 
@@ -236,9 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from mlic.serve.app import ServeConfig, serve
     except ImportError as e:
-        raise ConfigError(
-            f"mlic serve needs the serve extra ({e.name} missing): pip install 'mlic[serve]'"
-        ) from e
+        raise (missing_extra(e.name, "mlic serve") or e) from e
     backend = args.backend or ("onnxruntime" if str(args.target).endswith(".onnx") else "torch")
     # The parser bounds each number (mlic.serve.SERVE_RANGES); ServeConfig.check (in serve)
     # checks what depends on several options, the host, the device and the port.
@@ -793,6 +791,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlic: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an optional extra not installed: say which, and how
+        error = missing_extra(e.name, f"mlic {args.command}")
+        if error is None or args.verbose:
+            raise
+        print(f"mlic: error: {error}", file=sys.stderr)
+        return 2
     except OSError as e:  # the file system refused something not wrapped above: one line too
         if args.verbose:
             raise

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from mlic.config import DEFAULT_IMAGE_SIZE
-from mlic.errors import MlicError
+from mlic.errors import MlicError, require_extra
 from mlic.files import atomic_write, refuse_run_file
 
 if TYPE_CHECKING:
@@ -404,6 +404,8 @@ def export_model(
 
     def write(tmp: Path) -> None:
         """Export to ``tmp`` and verify it there: only a verified file is renamed into place."""
+        if format == "onnx":  # torch.onnx needs both; name the extra, not a traceback
+            require_extra("ONNX export", "onnx", "onnxscript")
         try:
             if format == "onnx":
                 result.notes += _export_onnx(wrapped, example, tmp, opset, metadata)
