@@ -158,3 +158,33 @@ def test_train_stops_on_broken_images_or_skips_and_lists_them(
     stats = json.loads((result["run_dir"] / "labels" / "labels.json").read_text())
     assert stats["num_images"] == 6 and stats["counts"] == [4, 2, 2]  # cat, dog, car
     assert (result["run_dir"] / "best.safetensors").exists()
+
+
+def test_a_wrong_image_folder_is_one_short_error_that_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A CSV whose paths do not resolve (the photos are elsewhere): a short error with how many
+    are missing, where they were looked for, a few of them, and no "skip them" advice that
+    would drop every image."""
+    rows = "".join(f"img/{i:04d}.jpg,{'cat' if i % 2 else 'dog'}\n" for i in range(300))
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.csv").write_text("image,labels\n" + rows)
+    argv = [
+        "train",
+        "demo",
+        "data.format=csv",
+        f"data.root={tmp_path}",
+        "data.train=train.csv",
+        "data.val=val.csv",
+        f"run.output_dir={tmp_path / 'runs'}",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line, listed = err[0], err[1:]  # the error, then the first broken files, indented
+    assert line.startswith("mlic: error: ") and len(listed) == 11, err  # 10 and "... 590 more"
+    assert listed[-1].strip().startswith("... and 590 more") and "Traceback" not in err
+    assert "600 broken image(s)" in line
+    assert f"300 of the 300 train images are not found (looked for in {tmp_path / 'img'}" in line
+    assert "data.train_images" in line and "would drop them all" in line
+    assert "set data.skip_bad_images=true to train" not in line
+    assert not (tmp_path / "runs").exists()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from mlic.data import Annotations
+from mlic.data.transforms import NOT_FOUND
 from mlic.errors import ConfigError, DataError
 from mlic.files import write_text
 
@@ -158,6 +159,47 @@ def drop_images(annotations: Annotations, indices: Sequence[int]) -> Annotations
 
 
 # ----------------------------------------------------------------------------- training
+#: how many broken images an error lists (`mlic data check CONFIG` lists them all)
+LISTED_PROBLEMS = 10
+
+
+def _broken_images_message(
+    splits: dict[str, Annotations], broken: dict[str, list[tuple[int, str]]], mode: str, counts: str
+) -> str:
+    """One error for the broken images of a run's splits: how many, the first few, and where
+    missing files were looked for; never "skip them" when that would drop a whole split."""
+    lines = [f"{name}: {msg}" for name, found in broken.items() for _, msg in found]
+    missing = {
+        name: [i for i, msg in found if msg.endswith(NOT_FOUND)] for name, found in broken.items()
+    }
+    head = f"{len(lines)} broken image(s) found by the {mode} image check ({counts})"
+    where = []
+    for name, idx in missing.items():
+        if idx:
+            folders = sorted({str(splits[name].images[i].parent) for i in idx})
+            shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+            where.append(
+                f"{len(idx)} of the {len(splits[name])} {name} images are not found (looked for "
+                f"in {shown}: image paths are relative to data.{name}_images, by default the "
+                f"annotation file's folder or the format's image folder under data.root)"
+            )
+    whole = [name for name, found in broken.items() if found and len(found) == len(splits[name])]
+    if whole:
+        advice = (
+            f"every image of the {' and '.join(whole)} split{'s' if len(whole) > 1 else ''} is "
+            "broken or missing: check "
+            "data.root and the image folders; data.skip_bad_images=true would drop them all"
+        )
+    else:
+        hint = "" if mode == "full" else "; `mlic data check CONFIG` also decodes every image"
+        advice = f"fix or remove them, or set data.skip_bad_images=true to train without them{hint}"
+    more = len(lines) - LISTED_PROBLEMS
+    listed = lines[:LISTED_PROBLEMS]
+    if more > 0:
+        listed.append(f"... and {more} more (mlic data check CONFIG lists every one)")
+    return ". ".join([head, *where, advice]) + ":\n  " + "\n  ".join(listed)
+
+
 def screen_splits(
     splits: dict[str, Annotations],
     data_cfg: Any,
@@ -197,12 +239,7 @@ def screen_splits(
             log.info("image check (%s): all images readable (%s; %.1f s)", mode, counts, secs)
         return splits
     if not data_cfg.skip_bad_images:
-        hint = "" if mode == "full" else "; `mlic data check CONFIG` also decodes every image"
-        raise DataError(
-            f"{len(lines)} broken image(s) found by the {mode} image check ({counts}). "
-            f"Fix or remove them, or set data.skip_bad_images=true to train without them{hint}:\n  "
-            + "\n  ".join(lines)
-        )
+        raise DataError(_broken_images_message(splits, broken, mode, counts))
     if skipped is not None:
         skipped += lines
     out = {}

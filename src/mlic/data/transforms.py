@@ -78,10 +78,14 @@ def _check_size(path: Path, img: Image.Image) -> None:
         raise DataError(f"{path}: image has no pixels ({w} x {h})")
 
 
+#: the problem a missing image file is reported as (data.check counts them apart)
+NOT_FOUND = "image file not found"
+
+
 def _as_data_error(path: Path, e: BaseException) -> DataError:
     """The one-line DataError naming ``path`` for any exception PIL raised on it."""
     if isinstance(e, FileNotFoundError):
-        return DataError(f"{path}: image file not found")
+        return DataError(f"{path}: {NOT_FOUND}")
     if isinstance(e, IsADirectoryError):
         return DataError(f"{path}: is a folder, not an image file")
     if isinstance(e, PermissionError):
