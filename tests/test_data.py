@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_coco, make_voc, write_image
+from conftest import TINY_BACKBONE, make_coco, make_voc, write_image
 from mlic.data import Annotations
 from mlic.data.coco import load_coco
 from mlic.data.csv import load_csv
@@ -247,3 +247,30 @@ def test_sampler_resumed_past_the_end_of_an_epoch_yields_nothing(world: int) -> 
         assert list(sampler) == [] and len(sampler) == 0
         sampler.set_epoch(0, start=20)
         assert len(list(sampler)) == len(sampler) > 0
+
+
+@pytest.mark.parametrize(
+    ("model", "warned"), [("baseline", False), ("q2l", False), ("mlgcn", True)]
+)
+def test_missing_glove_vectors_are_said_only_by_models_that_use_them(
+    model: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Class names without shipped GloVe vectors: a model with label embeddings says it learns
+    them instead; a model without any says nothing."""
+    import logging
+
+    import mlic
+    from mlic.engine.loaders import build_labels
+
+    ann = Annotations(
+        names=["desert", "sea"],
+        images=[Path("a.jpg"), Path("b.jpg")],
+        targets=np.array([[1, 0], [0, 1]], dtype=np.int8),
+    )
+    with caplog.at_level(logging.WARNING, logger="mlic"):
+        labels = build_labels(ann, "glove")
+        mlic.create_model(model, 2, labels=labels, backbone=TINY_BACKBONE, pretrained=False)
+    said = [r.getMessage() for r in caplog.records if "GloVe" in r.getMessage()]
+    assert len(said) == int(warned), said
+    if warned:
+        assert "'desert'" in said[0] and "learns its label embeddings instead" in said[0]

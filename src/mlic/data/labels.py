@@ -100,6 +100,8 @@ class LabelSet:
     cooccurrence: np.ndarray
     num_images: int = 0
     word_vectors: np.ndarray | None = None
+    # why word_vectors is None when they were asked for; told by a model that would use them
+    word_vectors_missing: str | None = None
 
     def __post_init__(self) -> None:
         # every format's training labels pass here: case twins are refused, whatever the loader

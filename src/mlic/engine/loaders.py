@@ -87,8 +87,8 @@ def build_labels(train_ann: Annotations | LabelSet, word_vectors: str) -> LabelS
     if word_vectors == "glove":
         try:
             labels.with_word_vectors("glove")
-        except DataError as e:
-            log.warning("%s -- models with label embeddings will learn them instead", e)
+        except DataError as e:  # said by the model if it uses label embeddings (_layers)
+            labels.word_vectors_missing = str(e)
     else:
         labels.with_word_vectors(word_vectors)
     return labels

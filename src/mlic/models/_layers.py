@@ -6,6 +6,7 @@ convolution, the class-wise spatial attention and the Transformer blocks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from mlic.errors import ConfigError
 from mlic.host import onednn_linear_min_rows
 
 __all__ = ["Linear", "linear"]
+
+log = logging.getLogger("mlic")
 
 # Below this many rows a plain BLAS matmul is as fast as the oneDNN route on this CPU
 # (measured per CPU kind: mlic.host.onednn_linear_min_rows). Decided once, at import:
@@ -140,6 +143,9 @@ class LabelEmbedding(nn.Module):
         vectors = None if labels is None else getattr(labels, "word_vectors", None)
         if learnable is None:
             learnable = vectors is None
+            missing = getattr(labels, "word_vectors_missing", None)
+            if missing:  # only models with label embeddings say it, and only then
+                log.warning("%s -- this model learns its label embeddings instead", missing)
         if vectors is not None:
             dim = int(vectors.shape[1])
         self.dim = dim
