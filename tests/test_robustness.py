@@ -165,9 +165,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     with pytest.raises(TrainingStopped, match="non-finite training loss") as info:
         train(load_config(None, overrides(voc, tmp_path, "nan")))
     assert info.value.exit_code == 3
-    assert (
-        read_metadata(tmp_path / "nan" / "best.safetensors")["epoch"] == 0
-    )  # epoch-1 weights kept
+    # the first epoch's weights kept (epochs count from 1, as in metrics.csv)
+    assert read_metadata(tmp_path / "nan" / "best.safetensors")["epoch"] == 1
     mlic.load_checkpoint(tmp_path / "nan" / "best.safetensors")
 
 

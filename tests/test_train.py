@@ -302,3 +302,39 @@ def test_zero_backbone_lr_freezes_the_backbone(tiny_voc: Path, tmp_path: Path) -
 def test_head_warmup_longer_than_the_run_is_refused(tiny_voc: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train.head_warmup_epochs=3 must be in \[0, "):
         tiny_cfg(tiny_voc, tmp_path, "x", **{"train.head_warmup_epochs": "3"})
+
+
+def test_train_ends_with_the_kept_weights_table_and_one_epoch_numbering(
+    tiny_voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mlic train` ends as the demo does: which epoch and which weights (raw or EMA) were kept,
+    their metrics at 0.5 and at the stored thresholds; metrics.csv, the checkpoint and the
+    table count epochs the same way (from 1)."""
+    from mlic.engine.checkpoint import read_metadata
+
+    over = {
+        "data.format": "voc",
+        "data.root": str(tiny_voc),
+        "data.image_size": "64",
+        "data.batch_size": "8",
+        "data.workers": "0",
+        "model.backbone": TINY_BACKBONE,
+        "model.pretrained": "false",
+        "train.epochs": "2",
+        "run.output_dir": str(tmp_path),
+        "run.name": "t",
+        "run.progress": "false",
+        "run.tensorboard": "false",
+    }
+    assert main(["train", "demo", *[f"{k}={v}" for k, v in over.items()]]) == 0
+    out = capsys.readouterr().out
+    meta = read_metadata(tmp_path / "t" / "best.safetensors")
+    rows = read_metrics(tmp_path / "t")
+    assert 1 <= meta["epoch"] <= len(rows) == 2
+    ema = meta["weights"] == "ema"
+    kept = "the EMA weights" if ema else "the raw weights"
+    assert f"best epoch {meta['epoch']} of 2, {kept} kept" in out, out
+    assert "At threshold 0.5:" in out and "At the per-class thresholds" in out
+    row = rows[meta["epoch"] - 1]  # metrics.csv's row of the kept epoch: its numbers are shown
+    assert row["epoch"] == str(meta["epoch"])
+    assert f"| {100 * float(row[('ema_' if ema else '') + 'mAP']):.2f} |" in out, out

@@ -45,6 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mlic.config import load_config
     from mlic.engine.trainer import train
 
+    t0 = time.perf_counter()
     if args.resume:
         overrides = list(args.overrides)
         if args.config is not None:  # `train --resume RUN train.epochs=5`: an override
@@ -55,6 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
             overrides.insert(0, args.config)
         result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
+        cfg = load_config(Path(args.resume) / "config.yaml")  # as the run saved it
     else:
         if args.config is None:
             raise ConfigError(
@@ -68,9 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cleanup()
     if not main_rank:
         return 0
-    print(
-        f"best mAP {100 * result['best_mAP']:.2f} at epoch {result['best_epoch']}; run in {result['run_dir']}"
-    )
+    print_final_table(cfg, result, "Trained", time.perf_counter() - t0)
     return 0
 
 
@@ -103,18 +103,34 @@ def demo_overrides(overrides: list[str]) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mlic.config import load_config
     from mlic.engine.trainer import train
-    from mlic.viz import metric_table
 
     t0 = time.perf_counter()
     cfg = load_config(resolve_config_path("demo"), demo_overrides(args.overrides))
     result = train(cfg)
-    best = max(result["history"], key=lambda r: max(r["mAP"], r.get("ema_mAP", -1)))
-    use_ema = best.get("ema_mAP", -1) > best["mAP"]
-    shown = {k[4:]: v for k, v in best.items() if k.startswith("ema_")} if use_ema else best
+    print_final_table(cfg, result, "Demo", time.perf_counter() - t0)
+    return 0
+
+
+def print_final_table(cfg: Any, result: dict[str, Any], title: str, seconds: float) -> None:
+    """The kept weights' metrics at 0.5 and at the stored thresholds, and which weights they are
+    (the epoch, counted from 1 as in metrics.csv, and raw or EMA), as `mlic train` ends."""
+    from mlic.viz import metric_table
+
+    if not result.get("history") or not result.get("best_epoch"):
+        print(f"\nno epoch was evaluated; run in {result['run_dir']}")
+        return
+    from mlic.engine.checkpoint import read_metadata
+
+    best = next(r for r in result["history"] if r["epoch"] == result["best_epoch"])
+    weights = read_metadata(Path(result["run_dir"]) / "best.safetensors").get("weights")
+    shown = (
+        {k[4:]: v for k, v in best.items() if k.startswith("ema_")} if weights == "ema" else best
+    )
     init = "ImageNet-pretrained" if cfg.model.pretrained else "random init"
     print(
-        f"\nDemo: {cfg.model.name} on {cfg.model.backbone} ({init}), best epoch {best['epoch']}"
-        f"{' (EMA weights)' if use_ema else ''}, {time.perf_counter() - t0:.0f} s\n"
+        f"\n{title}: {cfg.model.name} on {cfg.model.backbone} ({init}), best epoch "
+        f"{result['best_epoch']} of {len(result['history'])}, "
+        f"{'the EMA weights' if weights == 'ema' else 'the raw weights'} kept, {seconds:.0f} s\n"
     )
     print("At threshold 0.5:\n")
     print(metric_table(shown))
@@ -125,8 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "(stored in best.safetensors, used by `mlic predict`):\n"
         )
         print(metric_table(calibrated))
-    print(f"\nreport: {Path(result['run_dir']) / 'report.md'}")
-    return 0
+    print(f"\nrun: {result['run_dir']}  report: {Path(result['run_dir']) / 'report.md'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -448,7 +448,7 @@ class _Run:
             "mean": list(self.norm[0]),
             "std": list(self.norm[1]),
             "metrics": {k: float(v) for k, v in results.items()},
-            "epoch": self.state.epoch,
+            "epoch": self.state.best_epoch,  # 1-based, as metrics.csv and the log
             "weights": source,
             "dataset": self.cfg.data.format,
             "selected_on": self.cfg.train.select_on,
