@@ -259,3 +259,28 @@ def test_cli_export_int8_calibrated_on_images(trained: tuple[Path, Path], tmp_pa
         float(np.abs(a.probabilities - b.probabilities).max()) for a, b in zip(fp32, q, strict=True)
     )
     assert 0 < diff < 0.1  # quantized: close to, but not the same as, fp32
+
+
+def test_predict_serve_and_the_export_agree_by_default(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --precision, predict (CLI and Python) and serve compute in fp32 on every CPU, so
+    their probabilities are the exported graph's to 1e-4, also where auto would pick bf16."""
+    from mlic.cli import build_parser
+    from mlic.inference import OnnxPredictor
+    from mlic.serve.app import ServeConfig
+
+    src, voc = trained
+    parser = build_parser()
+    assert parser.parse_args(["predict", str(src), "x.jpg"]).precision == "fp32"
+    assert parser.parse_args(["serve", str(src)]).precision == "fp32"
+    assert ServeConfig(target=str(src)).precision == "fp32"
+    predictor = mlic.Predictor.from_checkpoint(src)
+    assert predictor.precision.name == "fp32"
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(src.read_bytes())
+    assert main(["export", str(ckpt), "--format", "onnx"]) == 0
+    images = sorted((voc / "JPEGImages").glob("*.jpg"))[:3]
+    onnx = OnnxPredictor.from_checkpoint(ckpt.with_suffix(".onnx")).predict(images)
+    for a, b in zip(predictor.predict(images), onnx, strict=True):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-4)

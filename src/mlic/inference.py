@@ -54,11 +54,11 @@ class Predictor:
         model: torch.nn.Module,
         metadata: dict[str, Any],
         device: str | torch.device = "cpu",
-        precision: str = "auto",
+        precision: str = "fp32",
     ) -> None:
-        """``precision``: ``auto`` (bf16 autocast on a GPU or on a CPU with bf16 units, see
-        :mod:`mlic.engine.precision`), ``fp32`` or ``bf16``; the choice and its reason are
-        ``self.precision``."""
+        """``precision``: ``fp32`` (default: the exported graph's numbers), ``bf16`` or ``auto``
+        (bf16 autocast on a GPU or on a CPU with bf16 units, see :mod:`mlic.engine.precision`);
+        the choice and its reason are ``self.precision``."""
         from mlic.engine.precision import resolve_precision
 
         self.device = torch.device(device)
@@ -76,7 +76,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "auto"
+        cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"
     ) -> Predictor:
         model, meta = load_checkpoint(path)
         return cls(model, meta, device=device, precision=precision)

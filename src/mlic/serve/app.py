@@ -106,7 +106,7 @@ class ServeConfig:
     read_timeout_s: float = 30.0  # a request's head, and its whole body, must arrive within it
     drain_timeout_s: float = 30.0
     device: str = "cpu"
-    precision: str = "auto"  # torch backend: auto / fp32 / bf16 (mlic.engine.precision)
+    precision: str = "fp32"  # torch backend: fp32 / bf16 / auto (mlic.engine.precision)
     threads: int | None = None
     model_path: str = field(default="", init=False)  # resolved .safetensors or .onnx
 
