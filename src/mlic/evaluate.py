@@ -36,11 +36,8 @@ def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
         return resolve_checkpoint(target), resolve_hub_file(str(target), "config.yaml", False)
     t = Path(target)
     if t.is_dir():
-        ckpt = t / "best.safetensors"
-        if not ckpt.exists():
-            raise ConfigError(f"{t}: run folder has no best.safetensors")
         cfg = t / "config.yaml"
-        return ckpt, cfg if cfg.exists() else None
+        return resolve_checkpoint(t), cfg if cfg.exists() else None
     if not t.exists():
         raise ConfigError(f"{t}: no such run folder or checkpoint")
     run_cfg = t.parent / "config.yaml"

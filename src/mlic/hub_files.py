@@ -153,8 +153,13 @@ def resolve_hub_file(target: str, filename: str, required: bool = True) -> Path 
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
-    """A local checkpoint path for ``target``: a path as given, or the ``model.safetensors``
-    of an ``hf-hub:ORG/NAME`` repository."""
+    """A local checkpoint path for ``target``: a path as given, a run folder's
+    ``best.safetensors``, or the ``model.safetensors`` of an ``hf-hub:ORG/NAME`` repository."""
     if is_hub_id(target):
         return resolve_hub_file(str(target), "model.safetensors")  # type: ignore[return-value]
-    return Path(target)
+    path = Path(target)
+    if path.is_dir():  # a run folder, as every command takes it
+        if not (path / "best.safetensors").is_file():
+            raise CheckpointError(f"{path}: run folder has no best.safetensors")
+        return path / "best.safetensors"
+    return path
