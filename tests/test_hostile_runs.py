@@ -305,19 +305,21 @@ def test_push_text_cannot_inject_card_keys(
     assert not out.exists()
 
 
-def test_card_front_matter_is_exactly_its_four_keys(fake_run: Path, tmp_path: Path) -> None:
+def test_card_front_matter_is_exactly_its_five_keys(fake_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "push"
     argv = ["push", "--dry-run", str(fake_run), str(out), "--repo-id", "acme/m.v-1_0"]
     assert main([*argv, "--license", "cc-by-nc-4.0"]) == 0
     card = (out / "README.md").read_text()
     assert card.startswith("---\n")
     front = yaml.safe_load(card.split("\n---\n")[0].removeprefix("---\n"))
+    index = front.pop("model-index")
     assert front == {
         "library_name": "mlic",
         "license": "cc-by-nc-4.0",
         "pipeline_tag": "image-classification",
         "tags": ["mlic", "multi-label-image-classification", "baseline"],
     }
+    assert [entry["name"] for entry in index] == ["m.v-1_0"] and len(index[0]["results"]) == 1
 
 
 # ----------------------------------------------------------------------------- 3. run-folder lock

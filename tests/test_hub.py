@@ -92,6 +92,13 @@ def test_dry_run_writes_the_exact_upload_folder(run: Path, tmp_path: Path) -> No
     for name in NAMES:
         assert f"| {name} |" in card  # per-class AP
     assert f"mlic predict hf-hub:{REPO}" in card and "data.format=voc" in card
+    root = str(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
+    assert root not in card  # a local folder is not put on a public page
+    results = front["model-index"][0]["results"][0]  # the Hub's metadata: the run's metrics
+    mAP = round(100 * meta["metrics"]["mAP"], 2)
+    assert {"type": "mAP", "name": "mAP", "value": mAP} in results["metrics"]
+    assert "## Intended use and limitations" in card and "predictor.predict([" in card
+    assert f"weights of epoch {meta['epoch']}." in card  # counted from 1, as metrics.csv
     assert cli_main(args) == 2  # refuses to write into a non-empty folder
 
 

@@ -83,6 +83,37 @@ def _hub_config(meta: dict[str, Any], cfg: dict[str, Any] | None) -> dict[str, A
     }
 
 
+def _public(value: Any) -> str:
+    """A data location as a card may show it: its last part only (no local folders)."""
+    return _cell(Path(str(value)).name or str(value))
+
+
+def _model_index(title: str, metrics: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The Hub's ``model-index`` entry: the run's validation metrics, in percent."""
+    shown = [("mAP", "mAP"), ("CF1", "F1 (per-class)"), ("OF1", "F1 (overall)")]
+    return {
+        "name": title,
+        "results": [
+            {
+                "task": {
+                    "type": "image-classification",
+                    "name": "Multi-label image classification",
+                },
+                "dataset": {
+                    "name": str(data.get("format", "custom")),
+                    "type": str(data.get("format", "custom")),
+                    "split": _public(data.get("val", "val")),
+                },
+                "metrics": [
+                    {"type": key, "name": label, "value": round(100 * float(metrics[key]), 2)}
+                    for key, label in shown
+                    if isinstance(metrics.get(key), (int, float))
+                ],
+            }
+        ],
+    }
+
+
 def _model_card(
     repo_id: str,
     meta: dict[str, Any],
@@ -102,27 +133,37 @@ def _model_card(
     name = meta["model"]
     backbone = meta["model_kwargs"].get("backbone", "?")
     size = meta["input_size"][-1]
+    title = repo_id.split("/")[-1]
     front = {
         "library_name": "mlic",
         "license": validate_license(license),
         "pipeline_tag": "image-classification",
         "tags": ["mlic", "multi-label-image-classification", name],
+        "model-index": [_model_index(title, metrics, data)],
     }  # dumped, not formatted: no value can add a key
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip("\n"),
         "---",
         "",
-        f"# {repo_id.split('/')[-1]}",
+        f"# {title}",
         "",
         f"`{name}` (backbone `{backbone}`, {size} x {size} px) for multi-label image "
         f"classification of {meta['num_classes']} labels, trained with "
         f"[mlic](https://pypi.org/project/mlic/) {meta.get('mlic_version', '')}.",
         "",
+        "## Intended use and limitations",
+        "",
+        f"Given a photo, it says which of its {meta['num_classes']} labels are present, each "
+        "with a probability and a per-class threshold. It knows only these labels and the kind "
+        "of photos it was trained on (below): on other kinds of images, or for labels that "
+        "were rare in training, check it on your own photos before relying on it. Its "
+        "probabilities are scores, not calibrated frequencies.",
+        "",
         "## Metrics",
         "",
-        f"Validation split (`{data.get('val', '?')}`), threshold 0.5, percent; "
-        f"{meta.get('weights', 'model')} weights of epoch {int(meta.get('epoch', 0)) + 1}.",
+        f"Validation split (`{_public(data.get('val', '?'))}`), threshold 0.5, percent; "
+        f"{meta.get('weights', 'model')} weights of epoch {meta.get('epoch', '?')}.",
         "",
         metric_table(metrics) if any(k in metrics for k in METRIC_KEYS) else "No metrics recorded.",
         "",
@@ -141,9 +182,9 @@ def _model_card(
         ]
         lines.append("")
     trained = f"`data.format={data.get('format', '?')}`"
-    for key in ("root", "train", "val"):
+    for key in ("train", "val"):  # names only: a local folder is nobody else's business
         if data.get(key):
-            trained += f", `data.{key}={data[key]}`"
+            trained += f", `data.{key}={_public(data[key])}`"
     lines += [
         "## Training data",
         "",
@@ -163,8 +204,10 @@ def _model_card(
         "",
         "```python",
         "import mlic",
-        f'model, meta = mlic.load_checkpoint("hf-hub:{repo_id}")  # safetensors: no pickle',
-        f'predictor = mlic.Predictor.from_checkpoint("hf-hub:{repo_id}")',
+        "",
+        f'predictor = mlic.Predictor.from_checkpoint("hf-hub:{repo_id}")  # safetensors: no pickle',
+        'for p in predictor.predict(["photo.jpg"]):',
+        "    print(p.labels, p.scores)  # labels above their thresholds; every probability",
         "```",
         "",
         "`config.json` holds the labels, input size, normalisation and thresholds for use "
