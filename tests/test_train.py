@@ -338,3 +338,26 @@ def test_train_ends_with_the_kept_weights_table_and_one_epoch_numbering(
     row = rows[meta["epoch"] - 1]  # metrics.csv's row of the kept epoch: its numbers are shown
     assert row["epoch"] == str(meta["epoch"])
     assert f"| {100 * float(row[('ema_' if ema else '') + 'mAP']):.2f} |" in out, out
+
+
+def test_a_recipe_on_other_data_is_named_after_the_model_and_the_data(
+    tiny_voc: Path, tmp_path: Path
+) -> None:
+    """`mlic train demo data.root=...` does not make runs/demo: the run is named after the
+    model and the data folder unless run.name is given."""
+    over = [
+        "data.format=voc",
+        f"data.root={tiny_voc}",
+        "data.image_size=32",
+        "data.workers=0",
+        f"model.backbone={TINY_BACKBONE}",
+        "model.pretrained=false",
+        "train.epochs=1",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.progress=false",
+        "run.tensorboard=false",
+    ]
+    assert main(["train", "demo", *over]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [f"baseline-{tiny_voc.name}"]
+    assert main(["train", "demo", *over, "run.name=mine"]) == 0
+    assert (tmp_path / "runs" / "mine" / "best.safetensors").exists()

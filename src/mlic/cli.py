@@ -41,6 +41,22 @@ def resolve_config_path(name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- commands
+def _name_run_after_its_data(cfg: Any, overrides: list[str]) -> None:
+    """A recipe trained on other data without a run.name is named ``<model>-<data folder>``,
+    not after the recipe (``demo`` on your photos is not the demo)."""
+    given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    if "run.name" in given or not given & {"data.root", "data.train", "data.format"}:
+        return
+    import re
+
+    where = Path(str(cfg.data.root or cfg.data.train or "data")).name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{cfg.model.name}-{where}").strip("-.") or "run"
+    logging.getLogger("mlic").info(
+        "run.name not given for this data: the run is named %s (run.name=... to choose)", name
+    )
+    cfg.run.name = name
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mlic.config import load_config
     from mlic.engine.trainer import train
@@ -63,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "give a CONFIG (YAML path or shipped recipe name) or --resume RUN_DIR"
             )
         cfg = load_config(resolve_config_path(args.config), args.overrides)
+        _name_run_after_its_data(cfg, args.overrides)
         result = train(cfg)
     from mlic.engine.distributed import cleanup, is_main
 
