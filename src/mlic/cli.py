@@ -573,7 +573,7 @@ PRECISION_ARG: dict = {
     "help": "auto (default): bf16 on a GPU or a CPU with AMX-BF16/AVX512-BF16, else fp32",
 }
 #: predict and serve: fp32 unless asked, so their probabilities are the exported graph's
-#: (to 1e-4); bf16 moves them by up to ~0.08 (BENCHMARKS section 3)
+#: (to 1e-4); what bf16 gains and moves: BENCHMARKS section 3.1
 PREDICT_PRECISION_ARG: dict = {
     **PRECISION_ARG,
     "default": "fp32",
