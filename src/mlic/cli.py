@@ -192,7 +192,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     retain_freed_memory()  # this process is ours: no page faults per batch
     _check_predict_outputs(args)  # before the model is loaded
     if args.backend == "torch":
-        _check_device(args.device)
+        from mlic.engine.precision import check_device
+
+        check_device(args.device)
     ckpt, _ = resolve_target(args.checkpoint)
     if args.backend == "onnxruntime":
         from mlic.inference import OnnxPredictor
@@ -231,20 +233,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"mlic: {len(summary.failed)} input(s) failed", file=sys.stderr)
         return 1
     return 0
-
-
-def _check_device(name: str, option: str = "--device") -> None:
-    """A torch device string that exists here (``cpu``, ``cuda``, ``cuda:1``), else ConfigError."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{option} {name!r}: not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise ConfigError(f"{option} {name!r}: there are {count} CUDA devices here")
 
 
 def _check_predict_outputs(args: argparse.Namespace) -> None:
@@ -387,8 +375,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from mlic.bench import benchmark
+    from mlic.engine.precision import check_device
 
-    _check_device(args.device)
+    check_device(args.device)
     if args.batch_size > 4096:  # a bench batch is allocated whole, at once
         raise ConfigError(f"--batch-size {args.batch_size}: must be <= 4096")
     r = benchmark(

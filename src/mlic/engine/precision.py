@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mlic.errors import ConfigError
 from mlic.host import cpu_info
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ONNX_RUNTIME",
     "Precision",
     "autocast",
+    "check_device",
     "cpu_bf16_units",
     "cpu_flags",
     "resolve_precision",
@@ -102,3 +104,23 @@ def autocast(device: torch.device | str, precision: Precision):
     if precision.dtype is None:
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=precision.dtype)
+
+
+def check_device(name: str, option: str = "--device", types: tuple[str, ...] | None = None) -> None:
+    """ConfigError unless ``name`` is a torch device present on this machine (``cpu``,
+    ``cuda``, ``cuda:N`` with N below the device count); ``types`` limits the kinds."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{option} {name!r}: not a device (cpu, cuda or cuda:N)") from None
+    if types is not None and dev.type not in types:
+        raise ConfigError(f"{option} {name!r}: this command runs on {' or '.join(types)}")
+    if dev.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"{option} {name}: no CUDA device on this machine")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(
+            f"{option} {name}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+        )

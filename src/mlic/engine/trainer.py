@@ -44,7 +44,7 @@ from mlic.engine.checkpoint import (
     unwrap_model,
 )
 from mlic.engine.loaders import Loaders, RunData, build_loaders, load_run_data
-from mlic.engine.precision import Precision, resolve_precision
+from mlic.engine.precision import Precision, check_device, resolve_precision
 from mlic.engine.precision import autocast as precision_autocast
 from mlic.engine.run_folder import (
     RunState,
@@ -94,15 +94,8 @@ class EvalInterrupted(Exception):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):  # "tpu", "gpu0": one line, not torch's traceback
-        raise ConfigError(
-            f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available")
-    return dev
+    check_device(name, "train.device")  # "tpu", "gpu0", an absent GPU: one line
+    return torch.device(name)
 
 
 def autocast_context(device: torch.device, amp: str | Precision):

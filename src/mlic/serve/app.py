@@ -54,7 +54,7 @@ from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 from starlette.requests import ClientDisconnect
 
-from mlic.engine.precision import ONNX_RUNTIME, Precision, resolve_precision
+from mlic.engine.precision import ONNX_RUNTIME, Precision, check_device, resolve_precision
 from mlic.errors import ConfigError
 from mlic.files import file_sha256
 from mlic.serve import SERVE_RANGES
@@ -158,7 +158,7 @@ class ServeConfig:
             )
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ConfigError("--token: must be non-empty and have no spaces or line breaks")
-        check_device(self.device)
+        check_device(self.device, types=("cpu", "cuda"))  # what LitServe maps
 
 
 def resolve_model(config: ServeConfig) -> tuple[Path, dict[str, Any]]:
@@ -175,27 +175,6 @@ def resolve_model(config: ServeConfig) -> tuple[Path, dict[str, Any]]:
 
     ckpt, _ = resolve_target(target)
     return ckpt, read_metadata(ckpt)
-
-
-def check_device(name: str) -> None:
-    """ConfigError unless ``name`` is ``cpu``, ``cuda`` or ``cuda:N`` present on this machine."""
-    import torch
-
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r}: not a device (cpu, cuda or cuda:N)") from None
-    if dev.type == "cpu":
-        return
-    if dev.type != "cuda":
-        raise ConfigError(f"--device {name!r}: mlic serve runs on cpu or cuda")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise ConfigError(f"--device {name}: no CUDA device on this machine")
-    if dev.index is not None and dev.index >= count:
-        raise ConfigError(
-            f"--device {name}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
-        )
 
 
 def check_port_free(host: str, port: int) -> None:
