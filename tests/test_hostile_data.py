@@ -43,6 +43,7 @@ from mlic.data.wds import (
     verify_shards,
 )
 from mlic.errors import CheckpointError, DataError
+from test_wds import pack
 
 NAMES = ["cat", "dog", "car"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -56,25 +57,6 @@ def make_set(root: Path, n_train: int = 12, n_val: int = 6) -> Path:
         return [[(NAMES[c], 0) for c in rng.choice(3, size=2, replace=False)] for _ in range(n)]
 
     return make_voc(root, {"train": sample(n_train), "val": sample(n_val)}, labels_txt=NAMES)
-
-
-def pack(voc: Path, split: str, out: Path, per_shard: int = 5) -> Path:
-    argv = [
-        "data",
-        "pack",
-        "demo",
-        "data.format=voc",
-        f"data.root={voc}",
-        "--split",
-        split,
-        "--out",
-        str(out),
-        "--samples-per-shard",
-        str(per_shard),
-        "-q",
-    ]
-    assert cli_main(argv) == 0
-    return out
 
 
 def index_of(folder: Path) -> dict[str, Any]:

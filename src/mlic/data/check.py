@@ -164,11 +164,14 @@ LISTED_PROBLEMS = 10
 
 
 def _broken_images_message(
-    splits: dict[str, Annotations], broken: dict[str, list[tuple[int, str]]], mode: str, counts: str
+    splits: dict[str, Annotations],
+    broken: dict[str, list[tuple[int, str]]],
+    lines: list[str],
+    mode: str,
+    counts: str,
 ) -> str:
     """One error for the broken images of a run's splits: how many, the first few, and where
     missing files were looked for; never "skip them" when that would drop a whole split."""
-    lines = [f"{name}: {msg}" for name, found in broken.items() for _, msg in found]
     missing = {
         name: [i for i, msg in found if msg.endswith(NOT_FOUND)] for name, found in broken.items()
     }
@@ -239,7 +242,7 @@ def screen_splits(
             log.info("image check (%s): all images readable (%s; %.1f s)", mode, counts, secs)
         return splits
     if not data_cfg.skip_bad_images:
-        raise DataError(_broken_images_message(splits, broken, mode, counts))
+        raise DataError(_broken_images_message(splits, broken, lines, mode, counts))
     if skipped is not None:
         skipped += lines
     out = {}

@@ -63,7 +63,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from mlic.data.labels import MAX_INFERRED_CLASSES, LabelSet, check_class_names
 from mlic.data.transforms import apply_seeded, decode_image
 from mlic.data.wds import _mix, record_bad_sample
-from mlic.errors import DataError
+from mlic.errors import DataError, missing_extra
 from mlic.files import MAX_ANNOTATION_BYTES, MAX_IMAGE_BYTES, read_regular_bytes, read_regular_text
 
 __all__ = ["HFSource", "open_hf_split", "hf_datasets", "hf_eval_dataset", "HFImageDataset"]
@@ -80,9 +80,7 @@ def _datasets():
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - the hf extra
-        raise DataError(
-            "data.format=hf needs the `datasets` package: pip install 'mlic[hf]'"
-        ) from e
+        raise (missing_extra("datasets", "data.format=hf") or e) from e
     return datasets
 
 
