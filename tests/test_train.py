@@ -20,7 +20,8 @@ from mlic.engine.trainer import TrainingStopped, train
 from mlic.errors import ConfigError
 
 
-def tiny_cfg(voc: Path, out: Path, name: str, **over: str):
+def tiny_overrides(voc: Path, out: Path, name: str | None, **over: str) -> list[str]:
+    """The tiny run's ``key=value`` overrides (no ``run.name`` when ``name`` is None)."""
     base = {
         "data.format": "voc",
         "data.root": str(voc),
@@ -40,7 +41,11 @@ def tiny_cfg(voc: Path, out: Path, name: str, **over: str):
         "train.ema_decay": "0.9",
     }
     base.update(over)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return [f"{k}={v}" for k, v in base.items() if not (k == "run.name" and name is None)]
+
+
+def tiny_cfg(voc: Path, out: Path, name: str, **over: str):
+    return load_config(None, tiny_overrides(voc, out, name, **over))
 
 
 def read_metrics(run: Path) -> list[dict[str, str]]:
@@ -312,21 +317,7 @@ def test_train_ends_with_the_kept_weights_table_and_one_epoch_numbering(
     table count epochs the same way (from 1)."""
     from mlic.engine.checkpoint import read_metadata
 
-    over = {
-        "data.format": "voc",
-        "data.root": str(tiny_voc),
-        "data.image_size": "64",
-        "data.batch_size": "8",
-        "data.workers": "0",
-        "model.backbone": TINY_BACKBONE,
-        "model.pretrained": "false",
-        "train.epochs": "2",
-        "run.output_dir": str(tmp_path),
-        "run.name": "t",
-        "run.progress": "false",
-        "run.tensorboard": "false",
-    }
-    assert main(["train", "demo", *[f"{k}={v}" for k, v in over.items()]]) == 0
+    assert main(["train", "demo", *tiny_overrides(tiny_voc, tmp_path, "t")]) == 0
     out = capsys.readouterr().out
     meta = read_metadata(tmp_path / "t" / "best.safetensors")
     rows = read_metrics(tmp_path / "t")
@@ -345,18 +336,7 @@ def test_a_recipe_on_other_data_is_named_after_the_model_and_the_data(
 ) -> None:
     """`mlic train demo data.root=...` does not make runs/demo: the run is named after the
     model and the data folder unless run.name is given."""
-    over = [
-        "data.format=voc",
-        f"data.root={tiny_voc}",
-        "data.image_size=32",
-        "data.workers=0",
-        f"model.backbone={TINY_BACKBONE}",
-        "model.pretrained=false",
-        "train.epochs=1",
-        f"run.output_dir={tmp_path / 'runs'}",
-        "run.progress=false",
-        "run.tensorboard=false",
-    ]
+    over = tiny_overrides(tiny_voc, tmp_path / "runs", None, **{"train.epochs": "1"})
     assert main(["train", "demo", *over]) == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [f"baseline-{tiny_voc.name}"]
     assert main(["train", "demo", *over, "run.name=mine"]) == 0
