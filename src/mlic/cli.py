@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -47,8 +48,6 @@ def _name_run_after_its_data(cfg: Any, overrides: list[str]) -> None:
     given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
     if "run.name" in given or not given & {"data.root", "data.train", "data.format"}:
         return
-    import re
-
     where = Path(str(cfg.data.root or cfg.data.train or "data")).name
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{cfg.model.name}-{where}").strip("-.") or "run"
     logging.getLogger("mlic").info(
