@@ -321,6 +321,7 @@ RUN_FILES = frozenset(
     {
         *("config.yaml", "metrics.csv", "report.md", "bad_images.txt", "bad_samples.txt"),
         *("best.safetensors", "last.resume.pt", "best_val_scores.npy", "val_targets.npy"),
+        *("best_calib_scores.npy", "calib_targets.npy"),
         *("per_class_ap.png", "pr_curves.png", "labels", "tb", RUN_LOCK),
     }
 )

@@ -489,6 +489,8 @@ class _Candidate:
     scores: np.ndarray  # [N, C] val probabilities
     targets: np.ndarray  # [N, C] val targets
     thresholds: np.ndarray | None  # [C] calibrated thresholds, None without calibration
+    calib_scores: np.ndarray | None = None  # [M, C] held-out training images' probabilities
+    calib_targets: np.ndarray | None = None  # [M, C]
 
 
 def _evaluate_candidate(
@@ -503,7 +505,7 @@ def _evaluate_candidate(
     the calibration data (held-out training images, or the val split itself in ``val``
     mode) with the val metrics at those thresholds (``cal_*``)."""
     res, _, scores, targets = evaluate(module, val_loader, **ev)
-    thresholds = None
+    thresholds = calib_scores = calib_targets = None
     if calibration_mode == "val":
         thresholds, cal = calibrated_metrics(scores, targets, scores, targets)
         res = {**res, **cal}
@@ -513,7 +515,9 @@ def _evaluate_candidate(
         # the held-out training images' mAP: what train.select_on=holdout selects on
         held = float(multilabel_metrics(calib_scores, calib_targets)["mAP"])
         res = {**res, **cal, "holdout_mAP": held}
-    return _Candidate(name, module, res, scores, targets, thresholds)
+    return _Candidate(
+        name, module, res, scores, targets, thresholds, calib_scores, calib_targets
+    )
 
 
 def _evaluate_candidates(run: _Run, stop: _StopFlag, epoch: int) -> list[_Candidate]:
@@ -581,6 +585,10 @@ def _write_epoch(run: _Run, row: dict[str, Any], best: _Candidate | None) -> Non
     # the report is drawn from these, also after a resume
     save_npy(run_dir / "best_val_scores.npy", best.scores.astype(np.float32))
     save_npy(run_dir / "val_targets.npy", best.targets.astype(np.int8))
+    if best.calib_scores is not None and best.calib_targets is not None:
+        # kept so that thresholds can be re-tuned, or rules compared, without a re-run
+        save_npy(run_dir / "best_calib_scores.npy", best.calib_scores.astype(np.float32))
+        save_npy(run_dir / "calib_targets.npy", best.calib_targets.astype(np.int8))
 
 
 def evaluate_and_checkpoint(
