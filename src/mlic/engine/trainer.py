@@ -515,9 +515,7 @@ def _evaluate_candidate(
         # the held-out training images' mAP: what train.select_on=holdout selects on
         held = float(multilabel_metrics(calib_scores, calib_targets)["mAP"])
         res = {**res, **cal, "holdout_mAP": held}
-    return _Candidate(
-        name, module, res, scores, targets, thresholds, calib_scores, calib_targets
-    )
+    return _Candidate(name, module, res, scores, targets, thresholds, calib_scores, calib_targets)
 
 
 def _evaluate_candidates(run: _Run, stop: _StopFlag, epoch: int) -> list[_Candidate]:
