@@ -13,6 +13,7 @@ from mlic.engine.calibration import calibrated_metrics, split_calibration
 from mlic.engine.trainer import train
 from mlic.errors import DataError
 from mlic.metrics import best_f1_thresholds, multilabel_metrics
+from mlic.thresholds import choose_thresholds
 from test_train import read_metrics, tiny_cfg
 
 
@@ -58,8 +59,12 @@ def test_calibrated_metrics_use_thresholds_from_the_calibration_data() -> None:
     cal_s = np.clip(cal_t * 0.3 + rng.random((50, 3)) * 0.5, 0, 1)
     val_t = (rng.random((40, 3)) < 0.4).astype(np.int8)
     val_s = np.clip(val_t * 0.3 + rng.random((40, 3)) * 0.5, 0, 1)
-    thr, cal = calibrated_metrics(cal_s, cal_t, val_s, val_t)
-    np.testing.assert_array_equal(thr, best_f1_thresholds(cal_s, cal_t))
+    choice, cal = calibrated_metrics(cal_s, cal_t, val_s, val_t)
+    np.testing.assert_array_equal(choice.thresholds, choose_thresholds(cal_s, cal_t).thresholds)
+    assert choice.rule == "shrunk"  # the default rule
+    old, _ = calibrated_metrics(cal_s, cal_t, val_s, val_t, {"rule": "best_f1"})
+    np.testing.assert_array_equal(old.thresholds, best_f1_thresholds(cal_s, cal_t))
+    thr = choice.thresholds
     expected = multilabel_metrics(val_s, val_t, threshold=thr)
     assert "cal_mAP" not in cal
     assert cal["cal_CF1"] == pytest.approx(expected["CF1"])
@@ -77,9 +82,17 @@ def test_training_stores_calibrated_thresholds_and_reports_both(
     meta = mlic.engine.checkpoint.read_metadata(run / "best.safetensors")
     assert len(meta["thresholds"]) == 5
     assert meta["thresholds_from"].startswith("6 held-out training images (25 % of 24")
+    assert meta["threshold_rule"] == "shrunk (shrink 10)" and meta["threshold_objective"] == "f1"
+    held = np.load(run / "calib_targets.npy")
+    assert meta["threshold_n_pos"] == [int(n) for n in (held == 1).sum(axis=0)]
+    # too few held-out positives for any class of 6 images: all take the global threshold
+    assert meta["threshold_fallback"] == [n < 3 for n in meta["threshold_n_pos"]]
     report = (run / "report.md").read_text()
-    assert "At threshold 0.5" in report
-    assert "At the calibrated per-class thresholds (from 6 held-out training images" in report
+    # the thresholds users get come first, then 0.5
+    users = report.index("At the per-class thresholds `mlic predict` and `serve` use")
+    assert users < report.index("At threshold 0.5")
+    assert "chosen on 6 held-out training images" in report
+    assert "| class | threshold | calibration positives |" in report
     # predict uses them by default
     predictor = mlic.Predictor.from_checkpoint(run / "best.safetensors")
     np.testing.assert_allclose(predictor.thresholds, meta["thresholds"], rtol=1e-6)

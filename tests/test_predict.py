@@ -70,6 +70,7 @@ def test_predictor_accepts_every_input_kind(trained: tuple[Path, Path]) -> None:
     assert by_path.labels == [
         n for n in sorted(NAMES, key=lambda n: -by_path.scores[n]) if by_path.scores[n] >= thr[n]
     ]
+    assert by_path.thresholds == pytest.approx(thr)
     top1 = pred.predict(path, threshold=0.0, top_k=1)[0]
     assert len(top1.labels) == 1 and top1.labels[0] == max(by_path.scores, key=by_path.scores.get)
     with_maps = pred.predict(path, return_attention=True)[0]
@@ -99,7 +100,15 @@ def test_cli_predict_skips_broken_files_and_writes_csv(
     )
     assert code == 1  # some inputs failed, the rest were predicted
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["image", "labels", *NAMES] and len(rows) == 6
+    thr_cols = [f"threshold:{n}" for n in NAMES]
+    assert rows[0] == ["image", "labels", *NAMES, *thr_cols] and len(rows) == 6
+    # each row says which threshold each label was compared with: the checkpoint's
+    stored = read_metadata(ckpt)["thresholds"]
+    for r in rows[1:]:
+        np.testing.assert_allclose([float(v) for v in r[7:]], stored, atol=1e-6)
+        probs = dict(zip(NAMES, map(float, r[2:7]), strict=True))
+        above = {n for n, t in zip(NAMES, stored, strict=True) if probs[n] >= t}
+        assert set(filter(None, r[1].split(";"))) == above
     assert all(Path(r[0]).name != "broken.jpg" for r in rows[1:])
     jsonl = tmp_path / "pred.jsonl"
     assert (
@@ -188,6 +197,37 @@ def test_eval_tunes_thresholds_that_predict_uses(
     ]
 
 
+def test_eval_tunes_for_a_precision_target_and_says_it_is_in_sample(
+    trained: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, voc = trained
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(src.read_bytes())
+    args = ["eval", str(ckpt), "data.format=voc", f"data.root={voc}", "data.workers=0", "-q"]
+    with caplog.at_level("WARNING", logger="mlic"):
+        code = main(
+            [*args, "--tune-thresholds", "--objective", "precision:0.8", "--rule", "global"]
+        )
+    assert code == 0
+    meta = read_metadata(ckpt)
+    assert meta["threshold_objective"] == "precision:0.8" and meta["threshold_rule"] == "global"
+    assert meta["thresholds_from"].startswith("voc val split 'val' (mlic eval --tune-thresholds)")
+    assert len(meta["threshold_n_pos"]) == 5
+    text = caplog.text
+    assert f"wrote the new thresholds (rule global) into {ckpt}" in text
+    assert "in-sample" in text and "selected its weights on" in text
+    # the target is met on the split the thresholds were chosen on (overall precision: one cut)
+    metrics = json.loads((ckpt.parent / "eval-val" / "metrics.json").read_text())["metrics"]
+    if meta["threshold_unmet"][0]:  # one global cut: unmet for all, and then said
+        assert "not reached" in text
+    else:
+        assert metrics["tuned_OP"] >= 0.8 - 1e-9
+    # --objective without --tune-thresholds is a one-line error, nothing written
+    before = ckpt.read_bytes()
+    assert main([*args, "--objective", "recall:0.9"]) == 2
+    assert ckpt.read_bytes() == before
+
+
 def test_cli_export_onnx_agrees_with_eager_and_predicts(
     trained: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -274,3 +314,29 @@ def test_predict_and_serve_default_to_fp32(trained: tuple[Path, Path]) -> None:
     assert ServeConfig(target=str(src)).precision == "fp32"
     assert mlic.Predictor.from_checkpoint(src).precision.name == "fp32"
     # the agreement itself: test_cli_export_onnx_agrees_with_eager_and_predicts, at the default
+
+
+def test_the_table_shows_the_threshold_each_label_was_compared_with() -> None:
+    from mlic.inference import Prediction
+    from mlic.predict import format_table
+
+    p = Prediction(
+        labels=["dog"],
+        scores={"dog": 0.91, "cat": 0.40, "car": 0.05},
+        probabilities=np.array([0.91, 0.40, 0.05]),
+        thresholds={"dog": 0.42, "cat": 0.55, "car": 0.3},
+        source="photo.jpg",
+    )
+    table = format_table([p]).splitlines()
+    assert "probability/threshold" in table[0]
+    # cat at 0.40 is below its own threshold 0.55: not a label, and the table shows why
+    assert table[1].split() == [
+        "photo.jpg",
+        "dog",
+        "dog",
+        "0.91/0.42",
+        "cat",
+        "0.40/0.55",
+        "car",
+        "0.05/0.30",
+    ]

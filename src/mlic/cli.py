@@ -167,9 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     retain_freed_memory()  # this process is ours: no page faults per batch
 
     quiet = ["run.progress=false"] if args.quiet else []  # no progress bar
+    tuning = [f"thresholds.{k}={v}" for k in ("objective", "rule") if (v := getattr(args, k))]
+    if tuning and not args.tune_thresholds:
+        raise ConfigError("--objective and --rule choose how --tune-thresholds tunes: add it")
     out = evaluate_checkpoint(
         args.target,
-        [*args.overrides, *quiet],
+        [*args.overrides, *quiet, *tuning],
         output=args.output,
         split=args.split,
         tune_thresholds=args.tune_thresholds,
@@ -603,7 +606,15 @@ def _add_eval(sub: Any) -> None:
     s.add_argument(
         "--tune-thresholds",
         action="store_true",
-        help="pick per-class thresholds maximising F1 on this split; store them in the checkpoint",
+        help="choose per-class thresholds on this split (thresholds.* of the run's config: "
+        "rule shrunk, objective f1 by default) and store them in the checkpoint",
+    )
+    s.add_argument(
+        "--objective",
+        help="with --tune-thresholds: f1, precision:P or recall:R (= thresholds.objective=...)",
+    )
+    s.add_argument(
+        "--rule", help="with --tune-thresholds: a thresholds.rule (shrunk, global, best_f1, ...)"
     )
     s.add_argument("--precision", **PRECISION_ARG)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

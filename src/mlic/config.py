@@ -17,6 +17,13 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 
 from mlic.errors import ConfigError
 from mlic.files import read_regular_text
+from mlic.thresholds import (
+    DEFAULT_MIN_POSITIVES,
+    DEFAULT_RULE,
+    DEFAULT_SHRINK,
+    RULES,
+    parse_objective,
+)
 
 __all__ = [
     "Config",
@@ -96,12 +103,21 @@ class DataConfig:
     trains on random square crops of that warp. None (default): images are resized straight
     to S x S. SSGRL: ``resize=640``, S = 576, ``crop_scales`` 1, .9, .8, .6, .5.
 
-    ``calibration`` says where the per-class decision thresholds stored in the checkpoint
-    come from: ``holdout`` (default) keeps ``calibration_fraction`` of the training split
-    out of training (a seeded draw) and picks, per class, the threshold that maximises F1 on
-    it; ``val`` picks them on the validation split, for runs whose val split is *not* the
-    split results are reported on (e.g. a dev split before a separate test set); ``none``
+    ``calibration`` says which scores the per-class decision thresholds stored in the
+    checkpoint are chosen on (by ``thresholds.rule``): ``holdout`` (default) keeps
+    ``calibration_fraction`` of the training split out of training (a seeded draw); ``val``
+    uses the validation split, for runs whose val split is *not* the split results are
+    reported on (a dev split before a separate test set), or when in-sample figures on val
+    are acceptable (the paper recipes, which train on the whole training split as the papers
+    did); ``oof`` trains ``calibration_folds`` short fold runs first (``RUN/folds``, each on
+    the other folds for ``calibration_fold_epochs`` epochs, default ``train.epochs``) and
+    uses every training image's out-of-fold score, then trains on the whole split; ``none``
     stores none (predictions then use 0.5).
+
+    ``folds`` / ``fold`` make this run one fold run: the training split is cut into
+    ``folds`` label-stratified folds (seeded by ``train.seed``), the run trains on all but
+    fold ``fold`` and validates on it (what ``data.calibration=oof`` and ``mlic data
+    issues`` set for their fold runs).
     """
 
     format: str = "demo"
@@ -132,8 +148,12 @@ class DataConfig:
     crop_scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66, 0.5])
     crop_max_distort: int = 2
     resize: int | None = None  # warp to this side first; eval: centre crop (see above)
-    calibration: str = "holdout"  # holdout | val | none (see above)
+    calibration: str = "holdout"  # holdout | val | oof | none (see above)
     calibration_fraction: float = 0.1
+    calibration_folds: int = 5
+    calibration_fold_epochs: int | None = None
+    folds: int | None = None  # this run is fold `fold` of `folds` (see above)
+    fold: int | None = None
     index: str | None = None  # wds: dataset.json location when not beside the shards
     image_column: str = "image"  # hf: the image column
     label_column: str = "labels"  # hf: the label column
@@ -224,6 +244,23 @@ class TrainConfig:
 
 
 @dataclass
+class ThresholdConfig:
+    """How the per-class decision thresholds are chosen on the calibration scores
+    (``data.calibration``); see :mod:`mlic.thresholds` and BENCHMARKS.md, "Decision
+    thresholds on real photos", for the evidence behind the default.
+
+    ``rule``: shrunk | global | best_f1 | best_f1_mid | platt | fixed. ``objective``: f1,
+    ``precision:P`` or ``recall:R``. ``shrink``: pseudo-positives of the shrunk rule.
+    ``min_positives``: classes with fewer calibration positives take the global threshold.
+    """
+
+    rule: str = DEFAULT_RULE
+    objective: str = "f1"
+    shrink: float = DEFAULT_SHRINK
+    min_positives: int = DEFAULT_MIN_POSITIVES
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
@@ -242,6 +279,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -253,7 +291,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.amp": ("auto", "off", "fp32", "bf16", "fp16"),
     "data.crop": ("none", "multiscale", "square"),
     "train.select_on": ("val", "holdout"),
-    "data.calibration": ("holdout", "val", "none"),
+    "data.calibration": ("holdout", "val", "oof", "none"),
+    "thresholds.rule": RULES,
 }
 
 POSITIVE: tuple[str, ...] = (
@@ -345,12 +384,42 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.calibration_fraction={cfg.data.calibration_fraction} must be in (0, 1)"
         )
+    _check_calibration(cfg)
     scales = list(cfg.data.crop_scales)
     if not scales or any(not 0.0 < float(x) <= 1.0 for x in scales):
         raise ConfigError(f"data.crop_scales={scales} must be fractions in (0, 1]")
     if cfg.data.crop_max_distort < 0:
         raise ConfigError(f"data.crop_max_distort={cfg.data.crop_max_distort} must be >= 0")
     _check_protocol(cfg)
+
+
+def _check_calibration(cfg: DictConfig) -> None:
+    """The calibration source, the threshold rule's numbers and a fold run's fold."""
+    d, t = cfg.data, cfg.thresholds
+    parse_objective(t.objective)
+    if not t.shrink >= 0:
+        raise ConfigError(f"thresholds.shrink={t.shrink} must be >= 0")
+    if t.min_positives < 0:
+        raise ConfigError(f"thresholds.min_positives={t.min_positives} must be >= 0")
+    if not 2 <= d.calibration_folds <= 20:
+        raise ConfigError(f"data.calibration_folds={d.calibration_folds} must be in [2, 20]")
+    if d.calibration_fold_epochs is not None and d.calibration_fold_epochs < 1:
+        raise ConfigError(
+            f"data.calibration_fold_epochs={d.calibration_fold_epochs} must be >= 1 (or unset)"
+        )
+    if (d.folds is None) != (d.fold is None):
+        raise ConfigError("data.folds and data.fold are set together (a fold run) or not at all")
+    if d.folds is not None:
+        if not 2 <= d.folds <= 20 or not 0 <= d.fold < d.folds:
+            raise ConfigError(
+                f"data.fold={d.fold} of data.folds={d.folds}: folds in [2, 20], fold in [0, folds)"
+            )
+        if d.calibration not in ("none", "val"):
+            raise ConfigError(
+                f"a fold run (data.folds={d.folds}) validates on its held-out fold and "
+                f"cannot also calibrate on data.calibration={d.calibration}; set "
+                "data.calibration=none"
+            )
 
 
 def _check_protocol(cfg: DictConfig) -> None:

@@ -20,7 +20,8 @@ from mlic.engine.precision import resolve_precision
 from mlic.engine.trainer import evaluate, resolve_device
 from mlic.errors import ConfigError
 from mlic.files import RunLock, is_run_folder, refuse_run_file, save_npy, savefig, write_text
-from mlic.metrics import best_f1_thresholds, multilabel_metrics
+from mlic.metrics import multilabel_metrics
+from mlic.thresholds import choose_thresholds
 
 __all__ = ["evaluate_checkpoint", "resolve_target"]
 
@@ -75,8 +76,10 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate ``target`` on ``split`` of its run's data config (or the ``data.*`` overrides).
 
-    ``tune_thresholds``: choose per-class thresholds maximising each class's F1 on this split
-    and store them in the checkpoint's metadata (``mlic predict`` then uses them).
+    ``tune_thresholds``: choose per-class thresholds on this split by the config's
+    ``thresholds.*`` (rule, objective: overrides such as ``thresholds.objective=precision:0.9``
+    apply) and store them in the checkpoint's metadata (``predict``, ``serve``, ``export`` and
+    the card then use them).
     ``precision``: ``auto``, ``fp32`` or ``bf16`` (see :mod:`mlic.engine.precision`); the
     choice and its reason are in the returned ``"precision"``.
     """
@@ -102,9 +105,11 @@ def evaluate_checkpoint(
     results, per_class, scores, targets = evaluate(
         model, loader, device, amp=chosen, progress=cfg.run.progress, prepare=prepare
     )
-    thresholds, thresholds_from, at_thresholds = _thresholds(
-        ckpt, meta, f"{cfg.data.format}:{split}", scores, targets, tune_thresholds
-    )
+    tuned = None
+    if tune_thresholds:
+        tuned = _tune(ckpt, cfg, split, scores, targets)
+        meta = {**meta, **tuned}
+    thresholds, at_thresholds = _at_thresholds(meta, scores, targets, tuned is not None)
     results = {**results, **at_thresholds}
     out.mkdir(parents=True, exist_ok=True)
     names, size = list(meta["label_names"]), int(meta["input_size"][-1])
@@ -141,8 +146,7 @@ def evaluate_checkpoint(
         results=results,
         extra=extra,
         sections=sections,
-        thresholds=thresholds,
-        thresholds_from=thresholds_from,
+        thresholds=meta if thresholds is not None else None,
     )
     return {
         "metrics": results,
@@ -171,35 +175,57 @@ def _split_loader(cfg: Any, split: str, meta: dict[str, Any]) -> tuple[Any, list
     return eval_loader(ann, tf, size, batch_size, cfg.data.workers), ann.images  # uint8 batches
 
 
-def _thresholds(
-    ckpt: Path,
-    meta: dict[str, Any],
-    where: str,
-    scores: np.ndarray,
-    targets: np.ndarray,
-    tune: bool,
-) -> tuple[np.ndarray | None, str | None, dict[str, float]]:
-    """``(thresholds, where they came from, metrics at them)``: the checkpoint's calibrated
-    ones (chosen at training time on other data, ``cal_*``), or with ``tune`` new ones tuned
-    on this very split and written into the checkpoint (``tuned_*``; optimistic on this
-    split: meant for a dev split, then used on other data)."""
+def _tune(
+    ckpt: Path, cfg: Any, split: str, scores: np.ndarray, targets: np.ndarray
+) -> dict[str, Any]:
+    """Thresholds chosen on this split by ``cfg.thresholds``, written into the checkpoint
+    (under the run's lock); warns when the split is one the run already chose on."""
+    from mlic.config import to_dict
+
+    choice = choose_thresholds(scores, targets, **to_dict(cfg.thresholds))
+    split_name = cfg.data.train if split == "train" else cfg.data.val
+    where = f"{cfg.data.format} {split} split '{split_name}' (mlic eval --tune-thresholds)"
+    tuned = choice.to_meta(where)
+    # a run's checkpoint is changed only while no training run writes that folder
+    lock = RunLock(ckpt.parent) if is_run_folder(ckpt.parent) else contextlib.nullcontext()
+    with lock:
+        update_metadata(ckpt, **tuned)
+    log.warning("wrote the new thresholds (rule %s) into %s", choice.describe_rule(), ckpt)
+    selected_on = split == "val" and cfg.train.select_on == "val"
+    log.warning(
+        "the figures at the tuned thresholds are in-sample (chosen on this very split%s): "
+        "judge the thresholds on other data",
+        ", which the run also selected its weights on" if selected_on else "",
+    )
+    if choice.unmet.any():
+        log.warning(
+            "the %s target was not reached on this split for %d class(es): their thresholds "
+            "give the closest they can",
+            choice.objective,
+            int(choice.unmet.sum()),
+        )
+    fell = int(choice.fallback.sum())
+    if fell:
+        log.warning(
+            "%d class(es) with fewer than %d positives on this split use the global threshold",
+            fell,
+            cfg.thresholds.min_positives,
+        )
+    return tuned
+
+
+def _at_thresholds(
+    meta: dict[str, Any], scores: np.ndarray, targets: np.ndarray, tuned: bool
+) -> tuple[np.ndarray | None, dict[str, float]]:
+    """The stored (or just tuned) thresholds and the metrics at them, keyed ``cal_*`` (chosen
+    at training time on other data) or ``tuned_*`` (chosen on this very split)."""
     stored = meta.get("thresholds")
-    thresholds = None if stored is None else np.asarray(stored, dtype=np.float64)
-    thresholds_from = meta.get("thresholds_from")
-    prefix = "cal"
-    if tune:
-        thresholds = best_f1_thresholds(scores, targets)
-        thresholds_from = f"{where} (mlic eval --tune-thresholds)"
-        prefix = "tuned"
-        # a run's checkpoint is changed only while no training run writes that folder
-        lock = RunLock(ckpt.parent) if is_run_folder(ckpt.parent) else contextlib.nullcontext()
-        with lock:
-            rounded = [round(float(t), 6) for t in thresholds]
-            update_metadata(ckpt, thresholds=rounded, thresholds_from=thresholds_from)
-    if thresholds is None:
-        return None, thresholds_from, {}
+    if stored is None:
+        return None, {}
+    thresholds = np.asarray(stored, dtype=np.float64)
     at = multilabel_metrics(scores, targets, threshold=thresholds)
-    return thresholds, thresholds_from, {f"{prefix}_{k}": v for k, v in at.items() if k != "mAP"}
+    prefix = "tuned" if tuned else "cal"
+    return thresholds, {f"{prefix}_{k}": v for k, v in at.items() if k != "mAP"}
 
 
 def _paper_section(

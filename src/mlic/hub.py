@@ -44,6 +44,50 @@ def validate_license(license: str) -> str:
 
 
 # ----------------------------------------------------------------------------- push
+#: Checkpoint metadata on how the stored thresholds were chosen (mlic.thresholds).
+THRESHOLD_DETAILS = (
+    "threshold_rule",
+    "threshold_objective",
+    "threshold_global",
+    "threshold_n_pos",
+    "threshold_fallback",
+    "threshold_unmet",
+)
+
+
+def _threshold_metrics(meta: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """The card's first table: the metrics at the thresholds users get from predict."""
+    from mlic.viz import metric_table
+
+    cal = {k[4:]: v for k, v in metrics.items() if k.startswith("cal_")}
+    if meta.get("thresholds") is None or not cal:
+        return []
+    return [
+        "At the per-class thresholds `mlic predict` and `serve` use (included in this "
+        f"repository; rule {meta.get('threshold_rule', 'best_f1')}, objective "
+        f"{meta.get('threshold_objective', 'f1')}, chosen on {meta.get('thresholds_from')}):",
+        "",
+        metric_table(cal),
+        "",
+    ]
+
+
+def _per_class_table(per_class: list[tuple[str, float | None]], meta: dict[str, Any]) -> list[str]:
+    """Per-class AP with each class's threshold and the calibration positives behind it."""
+    if not per_class:
+        return []
+    thr = meta.get("thresholds") or [None] * len(per_class)
+    n_pos = meta.get("threshold_n_pos") or [None] * len(per_class)
+    lines = ["## Per-class AP", "", "| label | AP | threshold | calibration positives |"]
+    lines.append("|---|---:|---:|---:|")
+    for (n, a), t, k in zip(per_class, thr, n_pos, strict=False):
+        ap = "-" if a is None else f"{100 * a:.2f}"
+        lines.append(
+            f"| {_cell(n)} | {ap} | {'-' if t is None else f'{t:.3f}'} | {'-' if k is None else k} |"
+        )
+    return [*lines, ""]
+
+
 def _per_class_ap(run_dir: Path, names: list[str]) -> list[tuple[str, float | None]]:
     scores, targets = run_dir / "best_val_scores.npy", run_dir / "val_targets.npy"
     if not (scores.exists() and targets.exists()):
@@ -76,6 +120,7 @@ def _hub_config(meta: dict[str, Any], cfg: dict[str, Any] | None) -> dict[str, A
         "std": meta["std"],
         "thresholds": meta.get("thresholds"),
         "thresholds_from": meta.get("thresholds_from"),
+        **{k: meta.get(k) for k in THRESHOLD_DETAILS if k in meta},
         "metrics": meta.get("metrics"),
         "weights": meta.get("weights"),
         "epoch": meta.get("epoch"),
@@ -162,25 +207,17 @@ def _model_card(
         "",
         "## Metrics",
         "",
-        f"Validation split (`{_public(data.get('val', '?'))}`), threshold 0.5, percent; "
+        f"Validation split (`{_public(data.get('val', '?'))}`), percent; "
         f"{meta.get('weights', 'model')} weights of epoch {meta.get('epoch', '?')}.",
+        "",
+        *_threshold_metrics(meta, metrics),
+        "At threshold 0.5 (the papers' convention):",
         "",
         metric_table(metrics) if any(k in metrics for k in METRIC_KEYS) else "No metrics recorded.",
         "",
     ]
     lines += paper_comparison(name, cfg, metrics, size, data.get("val"))  # the paper's row
-    if meta.get("thresholds") is not None:
-        lines += [
-            f"Per-class thresholds are included (calibrated on `{meta.get('thresholds_from')}`) "
-            "and used by `mlic predict` unless `--threshold` is given.",
-            "",
-        ]
-    if per_class:
-        lines += ["## Per-class AP", "", "| label | AP |", "|---|---:|"]
-        lines += [
-            f"| {_cell(n)} | {'-' if a is None else f'{100 * a:.2f}'} |" for n, a in per_class
-        ]
-        lines.append("")
+    lines += _per_class_table(per_class, meta)
     trained = f"`data.format={data.get('format', '?')}`"
     for key in ("train", "val"):  # names only: a local folder is nobody else's business
         if data.get(key):

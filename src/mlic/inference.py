@@ -36,11 +36,13 @@ class Prediction:
         probabilities: the same as an array [C] in the checkpoint's label order.
         attention: label-wise maps [C, h, w] when asked for (None otherwise).
         source: the file path, or ``"<array 3>"`` style for in-memory inputs.
+        thresholds: the threshold each label's probability was compared with, by name.
     """
 
     labels: list[str]
     scores: dict[str, float]
     probabilities: np.ndarray
+    thresholds: dict[str, float] = field(default_factory=dict)
     attention: np.ndarray | None = None
     source: str = ""
     image: Image.Image | None = field(default=None, repr=False)
@@ -162,6 +164,7 @@ class Predictor:
                     labels=[self.names[j] for j in chosen],
                     scores={n: float(v) for n, v in zip(self.names, p, strict=True)},
                     probabilities=p,
+                    thresholds={n: float(t) for n, t in zip(self.names, thr, strict=True)},
                     attention=None if maps is None else maps[i],
                     source=sources[i],
                     image=images[i],

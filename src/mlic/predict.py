@@ -134,7 +134,9 @@ def run_predict(
 
 
 def write_predictions(preds: list[Prediction], names: list[str], output: Path) -> None:
-    """``.csv``: image, labels (;-joined), one probability column per class. ``.jsonl``: one object per image.
+    """``.csv``: image, labels (;-joined), one probability column per class, then the
+    threshold each class was compared with (``threshold:<class>``). ``.jsonl``: one object
+    per image with ``labels``, ``scores`` and ``thresholds``.
 
     Written to a temporary file and renamed: a full disk or a crash never leaves a
     half-written file, and an existing file is replaced only by a complete one.
@@ -148,29 +150,36 @@ def write_predictions(preds: list[Prediction], names: list[str], output: Path) -
         if output.suffix == ".jsonl":
             with tmp.open("w", encoding="utf-8") as f:
                 for p in preds:
-                    row = {"image": display_path(p.source), "labels": p.labels, "scores": p.scores}
+                    row = {
+                        "image": display_path(p.source),
+                        "labels": p.labels,
+                        "scores": p.scores,
+                        "thresholds": p.thresholds,
+                    }
                     f.write(json.dumps(row) + "\n")
             return
         with tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["image", "labels", *names])
+            w.writerow(["image", "labels", *names, *(f"threshold:{n}" for n in names)])
             for p in preds:
                 scores = (f"{p.scores[n]:.6f}" for n in names)
-                w.writerow([display_path(p.source), ";".join(p.labels), *scores])
+                thresholds = (f"{p.thresholds[n]:.6f}" for n in names)
+                w.writerow([display_path(p.source), ";".join(p.labels), *scores, *thresholds])
 
     atomic_write(output, write)
 
 
 def format_table(preds: list[Prediction], max_scores: int = 3) -> str:
-    """A plain terminal table: image, predicted labels, top probabilities."""
-    rows = [("image", "labels", "top scores")]
+    """A plain terminal table: image, predicted labels, top probabilities, each with the
+    threshold it was compared with (``dog 0.91/0.42``: probability / threshold)."""
+    rows = [("image", "labels", "top scores (probability/threshold)")]
     for p in preds:
         top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:max_scores]
         rows.append(
             (
                 display_path(p.source),
                 ", ".join(p.labels) or "-",
-                "  ".join(f"{n} {v:.2f}" for n, v in top),
+                "  ".join(f"{n} {v:.2f}/{p.thresholds.get(n, 0.5):.2f}" for n, v in top),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(2)]

@@ -134,6 +134,39 @@ def plot_cooccurrence(names: Sequence[str], targets: np.ndarray, path: Path) -> 
     return path
 
 
+def threshold_lines(
+    names: Sequence[str], scores: np.ndarray, targets: np.ndarray, meta: dict[str, Any]
+) -> list[str]:
+    """Markdown: the metrics at the stored per-class thresholds, where they came from, and a
+    table of each class's threshold with the calibration positives it rests on."""
+    from mlic.metrics import multilabel_metrics
+
+    thr = np.asarray(meta["thresholds"], np.float64)  # [C]
+    cal = multilabel_metrics(scores, targets, threshold=thr)
+    rule = meta.get("threshold_rule", "best_f1 (before issue 28)")
+    objective = meta.get("threshold_objective", "f1")
+    lines = [
+        f"At the per-class thresholds `mlic predict` and `serve` use (rule {rule}, objective "
+        f"{objective}, chosen on {meta.get('thresholds_from') or 'unknown data'}):",
+        "",
+        metric_table({k: v for k, v in cal.items() if k != "mAP"}),
+        "",
+    ]
+    n_pos = meta.get("threshold_n_pos") or [None] * len(thr)
+    fallback = meta.get("threshold_fallback") or [False] * len(thr)
+    fell = [n for n, f in zip(names, fallback, strict=False) if f]
+    if fell:
+        g = meta.get("threshold_global")
+        lines += [
+            f"Too few calibration positives, so the global threshold {g}: {', '.join(fell)}.",
+            "",
+        ]
+    lines += ["| class | threshold | calibration positives |", "|---|---:|---:|"]
+    for name, t, n, f in zip(names, thr, n_pos, fallback, strict=False):
+        lines.append(f"| {name} | {t:.3f}{' (global)' if f else ''} | {'-' if n is None else n} |")
+    return [*lines, ""]
+
+
 def write_report(
     out_dir: str | Path,
     title: str,
@@ -145,14 +178,14 @@ def write_report(
     extra: dict[str, Any] | None = None,
     results: dict[str, float] | None = None,
     sections: Sequence[str] = (),
-    thresholds: Sequence[float] | None = None,
-    thresholds_from: str | None = None,
+    thresholds: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``report.md`` with the metric table and plots into ``out_dir``; returns its path.
 
-    Metrics are shown at 0.5 (the papers' convention) and, when ``thresholds`` (per class)
-    are given, at those calibrated thresholds too, saying where they came from.
-    ``sections``: further Markdown blocks appended as they are (used by ``mlic eval``).
+    ``thresholds``: the checkpoint's threshold metadata (``thresholds``, ``thresholds_from``
+    and, since issue 28, the rule, objective and positives per class). Metrics are shown at
+    those per-class thresholds first (what ``predict`` and ``serve`` give users), then at 0.5
+    (the papers' convention). ``sections``: further Markdown blocks appended as they are.
     """
     from mlic.metrics import multilabel_metrics
 
@@ -171,17 +204,10 @@ def write_report(
         "## Metrics (%)",
         "",
     ]
-    lines += ["At threshold 0.5:", "", metric_table(results), "", "Top-3:", ""]
-    lines += [metric_table(results, TOP3_KEYS), ""]
-    if thresholds is not None:
-        cal = multilabel_metrics(scores, targets, threshold=np.asarray(thresholds, np.float64))
-        lines += [
-            f"At the calibrated per-class thresholds (from {thresholds_from or 'unknown data'}; "
-            "`mlic predict` uses these):",
-            "",
-            metric_table({k: v for k, v in cal.items() if k != "mAP"}),
-            "",
-        ]
+    if thresholds and thresholds.get("thresholds") is not None:
+        lines += threshold_lines(names, scores, targets, thresholds)
+    lines += ["At threshold 0.5 (the papers' convention):", "", metric_table(results), ""]
+    lines += ["Top-3:", "", metric_table(results, TOP3_KEYS), ""]
     if history:
         lines += [
             "## Training history",

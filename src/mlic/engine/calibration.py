@@ -1,15 +1,18 @@
-"""Per-class decision thresholds calibrated on data that is not the evaluation split.
+"""Where a run's per-class decision thresholds are calibrated: data that is not trained on.
 
 Sigmoid scores of a multi-label model are not calibrated across classes: with ASL or on
 rare classes, 0.5 predicts far too many (or too few) labels. mAP does not care, but a user
-reading the predicted labels does. Training therefore picks, per class, the threshold that
-maximises F1 on *calibration* data and stores it in the checkpoint, where ``predict``,
-``eval``, ``export``, ``serve`` and the report use it. The calibration data is
+reading the predicted labels does. Training therefore chooses per-class thresholds on
+*calibration* scores by ``thresholds.rule`` (:mod:`mlic.thresholds`) and stores them in the
+checkpoint, where ``predict``, ``eval``, ``export``, ``serve`` and the report use them. The
+calibration data (``data.calibration``) is
 
 * ``holdout`` (default): ``data.calibration_fraction`` of the training split, drawn with the
-  run's seed and kept out of training (and out of the label statistics), or
-* ``val``: the validation split itself, for runs that declare that their val split is not
-  the split they report on.
+  run's seed and kept out of training (and out of the label statistics),
+* ``val``: the validation split itself, for runs whose val split is not the split they
+  report on (or that accept in-sample threshold figures on it), or
+* ``oof``: every training image's out-of-fold score from short fold runs
+  (:mod:`mlic.engine.folds`); the run itself then trains on the whole split.
 
 Metrics at the calibrated thresholds are reported beside those at 0.5 (the papers'
 convention) with the prefix ``cal_``.
@@ -18,12 +21,14 @@ convention) with the prefix ``cal_``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mlic.data import Annotations
 from mlic.errors import DataError
-from mlic.metrics import best_f1_thresholds, multilabel_metrics
+from mlic.metrics import multilabel_metrics
+from mlic.thresholds import ThresholdChoice, choose_thresholds
 
 __all__ = ["CalibrationPlan", "split_calibration", "stream_calibration", "calibrated_metrics"]
 
@@ -41,6 +46,8 @@ class CalibrationPlan:
     mode: str
     holdout: Annotations | None = None
     source: str = ""
+    scores: np.ndarray | None = None  # [M, C] fixed calibration scores (``oof`` mode)
+    targets: np.ndarray | None = None  # [M, C]
 
 
 def split_calibration(
@@ -56,6 +63,8 @@ def split_calibration(
         return train, CalibrationPlan("none", source="none (threshold 0.5)")
     if mode == "val":
         return train, CalibrationPlan("val", source="the validation split (data.calibration=val)")
+    if mode == "oof":  # the scores come from the fold runs (trainer); all images train
+        return train, CalibrationPlan("oof")
     n = len(train)
     k = max(1, round(fraction * n))
     if n - k < 1:
@@ -94,10 +103,12 @@ def calibrated_metrics(
     calib_targets: np.ndarray,
     scores: np.ndarray,
     targets: np.ndarray,
-) -> tuple[np.ndarray, dict[str, float]]:
-    """Thresholds tuned for per-class F1 on the calibration data, and the metrics of
-    ``scores`` against ``targets`` at those thresholds, keyed ``cal_<metric>`` (no mAP: it
-    does not depend on thresholds)."""
-    thresholds = best_f1_thresholds(calib_scores, calib_targets)  # [C]
-    metrics = multilabel_metrics(scores, targets, threshold=thresholds)
-    return thresholds, {f"cal_{k}": v for k, v in metrics.items() if k != "mAP"}
+    rule: dict[str, Any] | None = None,
+) -> tuple[ThresholdChoice, dict[str, float]]:
+    """Thresholds chosen on the calibration data by ``rule`` (the ``thresholds`` config
+    section as keyword arguments of :func:`mlic.thresholds.choose_thresholds`; default: its
+    defaults), and the metrics of ``scores`` against ``targets`` at them, keyed
+    ``cal_<metric>`` (no mAP: it does not depend on thresholds)."""
+    choice = choose_thresholds(calib_scores, calib_targets, **(rule or {}))
+    metrics = multilabel_metrics(scores, targets, threshold=choice.thresholds)
+    return choice, {f"cal_{k}": v for k, v in metrics.items() if k != "mAP"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mlic.config import Config
@@ -31,6 +32,7 @@ from mlic.data.sources import STREAM_FORMATS, build_source_loaders, open_sources
 from mlic.data.transforms import ToNormalizedFloat, config_transforms
 from mlic.engine.calibration import CalibrationPlan, split_calibration, stream_calibration
 from mlic.engine.distributed import DistInfo
+from mlic.engine.folds import fold_split
 from mlic.engine.run_folder import run_signature
 from mlic.errors import ConfigError, DataError
 
@@ -58,6 +60,9 @@ class RunData:
     val: Annotations | None = None
     sources: tuple[Any, Any] | None = None  # (train, val) of a streamed format
     skipped: list[str] = field(default_factory=list)  # broken images left out at the start
+    # a fold run (data.folds): the rows of the whole training split its val fold scores
+    fold_index: np.ndarray | None = None  # [M]
+    split_size: int = 0
 
 
 @dataclass
@@ -111,6 +116,11 @@ def load_run_data(cfg: Config, is_main: bool) -> RunData:
     """Read both splits (annotation errors name file and line), check their images per
     ``data.image_check``, set the calibration images aside and build the label set."""
     if cfg.data.format in STREAM_FORMATS:  # shards / HF datasets: statistics from their index
+        if cfg.data.folds is not None or cfg.data.calibration == "oof":
+            raise ConfigError(
+                f"data.format={cfg.data.format} streams its splits: fold runs and "
+                "data.calibration=oof need an image-file format (csv, voc, coco, ...)"
+            )
         sources = open_sources(cfg.data)
         labels = build_labels(sources[0].label_set(), cfg.model.word_vectors)
         signature = run_signature(cfg, labels, None, None)
@@ -120,19 +130,34 @@ def load_run_data(cfg: Config, is_main: bool) -> RunData:
     from mlic.data.check import screen_splits
 
     train_ann = load_split(cfg.data, "train")
-    val_ann = load_split(cfg.data, "val", class_names=train_ann.names)
+    fold_rows = None
+    if cfg.data.folds is not None:  # a fold run: val is the held-out fold of train
+        split_size = len(train_ann)
+        train_ann, val_ann, fold_rows = fold_split(
+            train_ann, cfg.data.folds, cfg.data.fold, cfg.train.seed
+        )
+    else:
+        val_ann = load_split(cfg.data, "val", class_names=train_ann.names)
     _require_images({"train": train_ann, "val": val_ann}, cfg.train.max_steps_per_epoch)
     skipped: list[str] = []  # written to the run folder once everything is valid
     checked = screen_splits(
         {"train": train_ann, "val": val_ann}, cfg.data, None, is_main, skipped=skipped
     )
-    whole_train, val_ann = checked["train"], checked["val"]  # whole: for the resume check
+    whole_train, screened_val = checked["train"], checked["val"]  # whole: the resume check
+    fold_index = None
+    if fold_rows is not None:  # the fold's rows that survived screening, in order
+        kept = {str(p) for p in screened_val.images}
+        fold_index = fold_rows[[str(p) in kept for p in val_ann.images]]
+    val_ann = screened_val
     train_ann, calibration = split_calibration(
         whole_train, cfg.data.calibration, cfg.data.calibration_fraction, cfg.train.seed
     )
     labels = build_labels(train_ann, cfg.model.word_vectors)
     signature = run_signature(cfg, labels, whole_train, val_ann)
-    return RunData(labels, calibration, signature, train_ann, val_ann, skipped=skipped)
+    data = RunData(labels, calibration, signature, train_ann, val_ann, skipped=skipped)
+    if fold_index is not None:
+        data.fold_index, data.split_size = fold_index, split_size
+    return data
 
 
 def uint8_batch_to_device(

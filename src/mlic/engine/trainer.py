@@ -31,10 +31,10 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from mlic.config import Config, check_resume_overrides, load_config
+from mlic.config import Config, check_resume_overrides, load_config, to_dict
 from mlic.data.labels import LabelSet
 from mlic.engine import distributed as dist_utils
-from mlic.engine.calibration import calibrated_metrics
+from mlic.engine.calibration import CalibrationPlan, calibrated_metrics
 from mlic.engine.checkpoint import (
     load_resume,
     load_state_strict,
@@ -43,6 +43,7 @@ from mlic.engine.checkpoint import (
     save_resume,
     unwrap_model,
 )
+from mlic.engine.folds import OutOfFold, out_of_fold_scores, save_fold_record
 from mlic.engine.loaders import Loaders, RunData, build_loaders, load_run_data
 from mlic.engine.precision import Precision, check_device, resolve_precision
 from mlic.engine.precision import autocast as precision_autocast
@@ -62,6 +63,7 @@ from mlic.host import retain_freed_memory
 from mlic.losses import loss_from_config
 from mlic.metrics import MultiLabelMetrics, average_precision_per_class, multilabel_metrics
 from mlic.models import create_model
+from mlic.thresholds import ThresholdChoice
 
 __all__ = [
     "train",
@@ -488,7 +490,7 @@ class _Candidate:
     results: dict[str, float]  # val metrics at 0.5, plus cal_* at the calibrated thresholds
     scores: np.ndarray  # [N, C] val probabilities
     targets: np.ndarray  # [N, C] val targets
-    thresholds: np.ndarray | None  # [C] calibrated thresholds, None without calibration
+    thresholds: ThresholdChoice | None  # None without calibration
     calib_scores: np.ndarray | None = None  # [M, C] held-out training images' probabilities
     calib_targets: np.ndarray | None = None  # [M, C]
 
@@ -498,24 +500,28 @@ def _evaluate_candidate(
     module: nn.Module,
     val_loader: torch.utils.data.DataLoader,
     calib_loader: torch.utils.data.DataLoader | None,
-    calibration_mode: str,
+    plan: CalibrationPlan,
+    rule: dict[str, Any],
     ev: dict[str, Any],
 ) -> _Candidate:
-    """Validation metrics of ``module`` and, unless calibration is off, thresholds tuned on
-    the calibration data (held-out training images, or the val split itself in ``val``
-    mode) with the val metrics at those thresholds (``cal_*``)."""
+    """Validation metrics of ``module`` and, unless calibration is off, thresholds chosen on
+    the calibration data (held-out training images, the val split itself, or the fixed
+    out-of-fold scores) with the val metrics at those thresholds (``cal_*``)."""
     res, _, scores, targets = evaluate(module, val_loader, **ev)
-    thresholds = calib_scores = calib_targets = None
-    if calibration_mode == "val":
-        thresholds, cal = calibrated_metrics(scores, targets, scores, targets)
+    choice = calib_scores = calib_targets = None
+    if plan.mode == "val":
+        choice, cal = calibrated_metrics(scores, targets, scores, targets, rule)
+        res = {**res, **cal}
+    elif plan.mode == "oof" and plan.scores is not None and plan.targets is not None:
+        choice, cal = calibrated_metrics(plan.scores, plan.targets, scores, targets, rule)
         res = {**res, **cal}
     elif calib_loader is not None:
         _, _, calib_scores, calib_targets = evaluate(module, calib_loader, **ev)
-        thresholds, cal = calibrated_metrics(calib_scores, calib_targets, scores, targets)
+        choice, cal = calibrated_metrics(calib_scores, calib_targets, scores, targets, rule)
         # the held-out training images' mAP: what train.select_on=holdout selects on
         held = float(multilabel_metrics(calib_scores, calib_targets)["mAP"])
         res = {**res, **cal, "holdout_mAP": held}
-    return _Candidate(name, module, res, scores, targets, thresholds, calib_scores, calib_targets)
+    return _Candidate(name, module, res, scores, targets, choice, calib_scores, calib_targets)
 
 
 def _evaluate_candidates(run: _Run, stop: _StopFlag, epoch: int) -> list[_Candidate]:
@@ -529,16 +535,20 @@ def _evaluate_candidates(run: _Run, stop: _StopFlag, epoch: int) -> list[_Candid
         should_stop=stop,
         prepare=loaders.eval_prepare,
     )
-    mode = run.data.calibration.mode
+    plan, rule = run.data.calibration, to_dict(run.cfg.thresholds)
     dist_utils.broadcast_buffers(unwrap_model(t.model))
     if t.ema is not None:
         dist_utils.broadcast_buffers(t.ema.module)
     try:
         model = unwrap_model(t.model)
-        candidates = [_evaluate_candidate("model", model, loaders.val, loaders.calib, mode, ev)]
+        candidates = [
+            _evaluate_candidate("model", model, loaders.val, loaders.calib, plan, rule, ev)
+        ]
         if t.ema is not None:
             ema = t.ema.module
-            candidates.append(_evaluate_candidate("ema", ema, loaders.val, loaders.calib, mode, ev))
+            candidates.append(
+                _evaluate_candidate("ema", ema, loaders.val, loaders.calib, plan, rule, ev)
+            )
         for loader in (loaders.val, loaders.calib):
             note_skipped(loader, state, run.data.skipped, run.run_dir, run.dist.is_main)
     except EvalInterrupted:
@@ -577,8 +587,7 @@ def _write_epoch(run: _Run, row: dict[str, Any], best: _Candidate | None) -> Non
         return
     meta = run.checkpoint_meta(best.results, best.name)
     if best.thresholds is not None:
-        meta["thresholds"] = [round(float(t), 6) for t in best.thresholds]
-        meta["thresholds_from"] = run.data.calibration.source
+        meta.update(best.thresholds.to_meta(run.data.calibration.source))
     save_checkpoint(best.module, run_dir / "best.safetensors", run.data.labels.names, **meta)
     # the report is drawn from these, also after a resume
     save_npy(run_dir / "best_val_scores.npy", best.scores.astype(np.float32))
@@ -638,10 +647,30 @@ def final_report(run: _Run) -> None:
         targets=tg,
         per_class_ap=average_precision_per_class(sc, tg),
         history=run.state.history,
-        thresholds=best_meta.get("thresholds"),
-        thresholds_from=best_meta.get("thresholds_from"),
+        thresholds=best_meta,
         extra=extra,
     )
+    _log_thresholds(best_meta, run.data.labels.names)
+
+
+def _log_thresholds(meta: dict[str, Any], names: Sequence[str]) -> None:
+    """Say which rule chose the stored thresholds and which classes it could not tune."""
+    if meta.get("thresholds") is None:
+        return
+    fell = [n for n, f in zip(names, meta.get("threshold_fallback") or [], strict=False) if f]
+    log.info(
+        "decision thresholds: rule %s, objective %s, on %s",
+        meta.get("threshold_rule"),
+        meta.get("threshold_objective"),
+        meta.get("thresholds_from"),
+    )
+    if fell:
+        log.info(
+            "  %d class(es) with too few calibration positives use the global threshold %s: %s",
+            len(fell),
+            meta.get("threshold_global"),
+            ", ".join(fell),
+        )
 
 
 # ----------------------------------------------------------------------------- phases
@@ -694,6 +723,31 @@ def _extended_schedule(
         for _ in range(step):
             scheduler.step()
     return scheduler
+
+
+def _fold_runs(cfg: Config, run_dir: Path) -> OutOfFold | None:
+    """``data.calibration=oof``: the fold runs in ``RUN/folds`` (run, resumed or read)."""
+    if cfg.data.calibration != "oof" or cfg.data.folds is not None:
+        return None
+    d = cfg.data
+    return out_of_fold_scores(
+        cfg, run_dir / "folds", train, d.calibration_folds, d.calibration_fold_epochs
+    )
+
+
+def _use_out_of_fold(data: RunData, oof: OutOfFold) -> None:
+    """The out-of-fold scores as the run's calibration data, checked against its labels."""
+    if data.train is None or oof.names != list(data.labels.names):
+        raise ConfigError(
+            "the fold runs in RUN/folds have other classes than this run; delete RUN/folds"
+        )
+    rows = oof.scored  # [N]
+    plan = data.calibration
+    plan.scores, plan.targets = oof.scores[rows], oof.targets[rows]
+    plan.source = (
+        f"out-of-fold scores of {int(rows.sum())} training images ({oof.folds} fold runs of "
+        f"{oof.epochs} epoch(s), data.calibration=oof)"
+    )
 
 
 def _start_process(cfg: Config) -> tuple[torch.device, dist_utils.DistInfo]:
@@ -824,6 +878,8 @@ def open_run(run: _Run, fresh: bool) -> None:
         return
     skipped = run.data.skipped + run.state.skipped
     prepare_run_dir(run.run_dir, run.cfg, run.data.labels, skipped, fresh=fresh)
+    if run.data.fold_index is not None:  # a fold run: which rows of the split it scores
+        save_fold_record(run.run_dir, run.data.fold_index, run.data.split_size)
     if run.cfg.run.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -936,8 +992,11 @@ def _train_locked(
         rpath = rpath / "last.resume.pt" if rpath.is_dir() else rpath
         cfg, resume_state, extend = _load_resume_point(run_dir, rpath, overrides)
     assert cfg is not None
+    oof = _fold_runs(cfg, run_dir)  # data.calibration=oof: before this run's own
     device, dist = _start_process(cfg)
     data = load_run_data(cfg, dist.is_main)
+    if oof is not None:
+        _use_out_of_fold(data, oof)
     precision = _check_run_data(cfg, data, device, run_dir, resume_state)
     model = build_model(cfg, data.labels, device, from_resume=resume_state is not None)
     dcfg = model.default_cfg
