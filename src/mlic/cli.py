@@ -467,6 +467,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     if args.action == "pack":
         return _pack(cfg, args)
+    if args.action == "show":
+        return _show(cfg, args)
     if args.action == "check" and cfg.data.format == "wds":
         from mlic.data.wds import open_shards, verify_shards
 
@@ -493,6 +495,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     _, summary, report = write_stats(cfg, output, full=full, workers=args.workers)
     print(summary)
     return 1 if report.num_problems else 0
+
+
+def _show(cfg, args: argparse.Namespace) -> int:
+    """``mlic data show CONFIG``: a PNG grid of training images after the training
+    augmentation, each titled with its labels (default ``data-show.png`` here)."""
+    from mlic.data.show import show_batch
+    from mlic.files import display_path, refuse_run_file
+
+    output = Path(args.output or "data-show.png")
+    if output.suffix.lower() != ".png":
+        raise ConfigError(f"--output {display_path(output)}: must end in .png")
+    if output.is_dir():
+        raise ConfigError(f"--output {display_path(output)}: is a folder, not a file name")
+    refuse_run_file(output, "--output")
+    path, titles = show_batch(cfg.data, output, split=args.split, n=args.n, seed=cfg.train.seed)
+    print(f"{len(titles)} {args.split} images after the training augmentation: {path}")
+    return 0
 
 
 def _pack(cfg, args: argparse.Namespace) -> int:
@@ -700,21 +719,29 @@ def _add_data(sub: Any) -> None:
     s = sub.add_parser(
         "data",
         help="check a data config's images and annotations, describe it, "
-        "or pack it into WebDataset shards",
+        "show augmented images, or pack it into WebDataset shards",
     )
     s.add_argument(
         "action",
-        choices=["check", "stats", "pack"],
+        choices=["check", "stats", "pack", "show"],
         help="check: list every broken image; "
         "stats: also write stats.md, class_frequency.png, cooccurrence.png; "
-        "pack: write one split as WebDataset tar shards + dataset.json (--out)",
+        "pack: write one split as WebDataset tar shards + dataset.json (--out); "
+        "show: a PNG grid of images after the training augmentation, titled with their labels",
     )
     s.add_argument("config", help="YAML path or shipped recipe name (its data.* section is used)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=...")
     s.add_argument("--fast", action="store_true", help="read image headers only (no decode)")
     s.add_argument("--workers", type=POSITIVE_INT, help="checking threads (default: CPU count)")
-    s.add_argument("--output", help="stats: output folder (default: <run.output_dir>/data-stats)")
-    s.add_argument("--split", default="train", choices=["train", "val"], help="pack: which split")
+    s.add_argument(
+        "--output",
+        help="stats: output folder (default: <run.output_dir>/data-stats); "
+        "show: the PNG (default: data-show.png)",
+    )
+    s.add_argument(
+        "--split", default="train", choices=["train", "val"], help="pack, show: which split"
+    )
+    s.add_argument("--n", type=POSITIVE_INT, default=16, help="show: how many images (<= 64)")
     s.add_argument("--out", help="pack: folder for the shards and dataset.json")
     s.add_argument("--shard-size", default="1GB", help="pack: bytes per shard (1GB, 500MB, ...)")
     s.add_argument("--samples-per-shard", type=int, help="pack: also cap samples per shard")

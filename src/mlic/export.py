@@ -37,10 +37,14 @@ loading them.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import re
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,6 +131,59 @@ def _describe(error: BaseException) -> str:
         if op:
             return f"{text} (in {op.group(1)})"
     return text
+
+
+#: the loggers of the exporters and the graph optimiser: dozens of INFO lines per export
+_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir", "onnx")
+_CAPTURED_LINES = 2000  # a failure's log keeps the last this many lines
+
+
+@contextlib.contextmanager
+def _exporter_quiet(log_file: Path) -> Iterator[None]:
+    """Capture what the exporters print, warn and log while the block runs; on an
+    :class:`ExportError` write it to ``log_file`` and name that file in the error (one line
+    on the command line, the exporter's whole account on disk). With ``mlic -v`` (debug
+    logging) nothing is captured: the chatter is what the user asked to see."""
+    if logging.getLogger("mlic").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    saved = [(lg, lg.propagate) for lg in loggers]
+    for lg in loggers:  # kept from the root handler (the CLI's stderr) for the block
+        lg.addHandler(handler)
+        lg.propagate = False
+    try:
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stdout(buffer),
+            contextlib.redirect_stderr(buffer),
+        ):
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                buffer.writelines(f"{w.category.__name__}: {w.message}\n" for w in caught)
+    except ExportError as e:
+        raise ExportError(f"{e}{_keep_log(buffer.getvalue(), log_file)}") from e
+    finally:
+        for lg, propagate in saved:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+
+
+def _keep_log(text: str, log_file: Path) -> str:
+    """Write a failed export's captured messages to ``log_file``; the note naming it."""
+    lines = _ANSI.sub("", text).splitlines()[-_CAPTURED_LINES:]
+    if not lines:
+        return ""
+    try:
+        log_file.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="replace")
+    except OSError:
+        return ""  # the error itself is what matters
+    return f"; the exporter's messages are in {log_file}"
 
 
 def _example_images(batch: int, image_size: int, seed: int = 0) -> torch.Tensor:
@@ -432,7 +489,8 @@ def export_model(
             ) from e
         diffs.append(diff)
 
-    atomic_write(output, write)  # temporary file + rename: never a half-written export
+    with _exporter_quiet(output.with_name(output.name + ".log")):
+        atomic_write(output, write)  # temporary file + rename: never a half-written export
     if not verify:
         result.notes.append("not verified")
         return result

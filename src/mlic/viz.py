@@ -7,6 +7,7 @@ reports are made on headless machines.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -18,13 +19,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from mlic.files import savefig, write_text  # noqa: E402
 
 __all__ = [
     "METRIC_KEYS",
     "metric_table",
+    "ap_axis_start",
+    "per_class_ap_figure",
     "plot_per_class_ap",
+    "cooccurrence_figure",
     "plot_pr_curves",
     "plot_cooccurrence",
     "precision_recall_curve",
@@ -65,18 +70,42 @@ def precision_recall_curve(
     return precision, recall
 
 
-def plot_per_class_ap(names: Sequence[str], ap: np.ndarray, path: Path) -> Path:
-    """Horizontal bar chart of per-class AP, sorted best to worst (classes without positives omitted)."""
+def ap_axis_start(ap_percent: np.ndarray) -> float:
+    """Where the AP axis starts: a multiple of 5 a little below the lowest AP (0 when that
+    is near 0), so that 91 against 98 shows as a difference, not as two full bars."""
+    if len(ap_percent) == 0:
+        return 0.0
+    low, high = float(np.min(ap_percent)), float(np.max(ap_percent))
+    start = 5 * math.floor((low - max(2.0, 0.15 * (high - low))) / 5)
+    return float(max(0, start))
+
+
+def per_class_ap_figure(names: Sequence[str], ap: np.ndarray) -> Figure:
+    """Horizontal bars of per-class AP, best on top, each labelled with its value; classes
+    without positives (NaN) are omitted. The axis starts a little below the lowest AP (the
+    axis label says so when that is not 0)."""
     valid = ~np.isnan(ap)
     idx = np.argsort(-np.where(valid, ap, -1))[: int(valid.sum())]
+    values = 100 * ap[idx][::-1]  # worst first: barh draws bottom-up
+    start = ap_axis_start(values)
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(idx) + 1)))
-    ax.barh([names[i] for i in idx][::-1], 100 * ap[idx][::-1], color="#3b75af")
-    ax.set_xlabel("AP (%)")
-    ax.set_xlim(0, 100)
-    ax.set_title(f"Per-class AP (mAP {100 * np.nanmean(ap):.2f})")
+    bars = ax.barh([names[i] for i in idx][::-1], values - start, left=start, color="#3b75af")
+    ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=7)
+    ax.set_xlabel("AP (%)" if start == 0 else f"AP (%); the axis starts at {start:.0f}, not 0")
+    ax.set_xlim(start, 100 + 0.08 * (100 - start))  # room for the value of a 100 bar
+    mean = f"{100 * np.nanmean(ap):.2f}" if valid.any() else "-"
+    ax.set_title(f"Per-class AP (mAP {mean})")
     fig.tight_layout()
-    savefig(fig, path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_per_class_ap(names: Sequence[str], ap: np.ndarray, path: Path) -> Path:
+    """:func:`per_class_ap_figure` written to ``path`` (PNG)."""
+    fig = per_class_ap_figure(names, ap)
+    try:
+        savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -115,22 +144,43 @@ def plot_pr_curves(
     return path
 
 
-def plot_cooccurrence(names: Sequence[str], targets: np.ndarray, path: Path) -> Path:
-    """Heat map of P(column | row) over the given targets (present = 1)."""
+#: the co-occurrence map writes its numbers in the cells up to this many classes
+MAX_NUMBERED_CLASSES = 25
+
+
+def cooccurrence_figure(names: Sequence[str], targets: np.ndarray) -> Figure:
+    """Heat map of P(column | row) over the given targets (present = 1), in percent in
+    each cell when there are at most :data:`MAX_NUMBERED_CLASSES` classes."""
     y = (np.asarray(targets) == 1).astype(np.float64)
     co = y.T @ y
     cond = co / np.maximum(np.diag(co)[:, None], 1)
     np.fill_diagonal(cond, np.nan)
     n = len(names)
-    fig, ax = plt.subplots(figsize=(max(4, 0.3 * n + 2), max(3.5, 0.3 * n + 1.5)))
+    cell = 0.3 if n > MAX_NUMBERED_CLASSES else 0.42  # numbered cells need room for "100"
+    fig, ax = plt.subplots(figsize=(max(4, cell * n + 2), max(3.5, cell * n + 1.5)))
     im = ax.imshow(cond, cmap="viridis", vmin=0, vmax=1)
+    if n <= MAX_NUMBERED_CLASSES:
+        for r, c in zip(*np.nonzero(~np.isnan(cond)), strict=True):
+            colour = "black" if cond[r, c] > 0.6 else "white"  # readable on viridis
+            ax.text(
+                c, r, f"{100 * cond[r, c]:.0f}", ha="center", va="center", fontsize=6, color=colour
+            )
     ax.set_xticks(range(n), names, rotation=90, fontsize=7)
     ax.set_yticks(range(n), names, fontsize=7)
-    ax.set_title("Label co-occurrence P(column | row)")
+    percent = " (%)" if n <= MAX_NUMBERED_CLASSES else ""
+    ax.set_title(f"Label co-occurrence P(column | row){percent}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    savefig(fig, path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_cooccurrence(names: Sequence[str], targets: np.ndarray, path: Path) -> Path:
+    """:func:`cooccurrence_figure` written to ``path`` (PNG)."""
+    fig = cooccurrence_figure(names, targets)
+    try:
+        savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

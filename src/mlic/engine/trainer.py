@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from mlic.config import Config, check_resume_overrides, load_config, to_dict
 from mlic.data.labels import LabelSet
+from mlic.data.transforms import config_transforms
 from mlic.engine import distributed as dist_utils
 from mlic.engine.calibration import CalibrationPlan, calibrated_metrics
 from mlic.engine.checkpoint import (
@@ -56,6 +57,7 @@ from mlic.engine.run_folder import (
     prepare_run_dir,
     write_metrics_csv,
 )
+from mlic.engine.run_log import EtaClock, RunBoard, board_sample, format_duration
 from mlic.errors import CheckpointError, ConfigError, MlicError
 from mlic.faults import maybe_kill
 from mlic.files import RunLock, save_npy
@@ -237,16 +239,19 @@ def evaluate(
     progress: bool = False,
     should_stop: Callable[[], bool] | None = None,
     prepare: Callable[[Any], torch.Tensor] | None = None,
+    desc: str = "eval",
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
     """Metrics over the whole loader (synced across ranks): ``(metrics, per-class AP, scores, targets)``.
 
     ``should_stop`` is polled between batches; when it returns True, :class:`EvalInterrupted`
     is raised so the caller can save a resume point. ``prepare`` turns what the loader yields
     into a device batch (GPU-side JPEG decoding); default: move the tensor to ``device``.
+    ``desc`` names the progress bar (shown with ``progress``).
     """
     model.eval()
     metric = MultiLabelMetrics().to(device)
-    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, total=_length(loader))
+    for images, targets in bar:
         if should_stop is not None and should_stop():
             raise EvalInterrupted
         if len(targets) == 0:  # every image of the batch was skipped (data.skip_bad_images)
@@ -264,6 +269,14 @@ def evaluate(
         scores,
         targets,
     )
+
+
+def _length(loader: Any) -> int | None:
+    """The loader's number of batches for a progress bar, None when it has none (streams)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -334,13 +347,15 @@ def train_one_epoch(
     plan: EpochPlan,
     should_stop: Callable[[], bool] | None = None,
     before_batch: Callable[[], None] | None = None,
+    on_step: Callable[[int, torch.Tensor, float], None] | None = None,
 ) -> float:
     """Train over ``loader`` from ``state.consumed`` samples in; the epoch's mean loss.
 
     Gradients of ``plan.accum_steps`` batches make one optimiser step. ``should_stop`` is
     polled after each step (:class:`EpochInterrupted`); the loss is checked on the host every
     20 steps (:class:`NonFiniteLoss`). ``state`` (steps, samples, loss sums) stays exact for a
-    resume point at any step.
+    resume point at any step. ``on_step(step, loss, lr)`` gets each optimiser step's mean
+    loss (a device scalar, not synced) and learning rate (TensorBoard).
     """
     model = trainee.model
     step_module = trainee.forward if trainee.forward is not None else model
@@ -350,6 +365,7 @@ def train_one_epoch(
     batch_hook = getattr(model, "on_train_batch_end", None)  # e.g. AAMN's memory update
     loss_acc = torch.zeros((), device=plan.device, dtype=torch.float64)
     n_acc = 0
+    last_acc, last_n = loss_acc.clone(), 0  # the sums at the last optimiser step (on_step)
     done = state.consumed // plan.global_batch
     bar = tqdm(
         loader,
@@ -383,7 +399,11 @@ def train_one_epoch(
         state.consumed += plan.global_batch
         if done % plan.accum_steps != 0 and done != plan.batches:
             continue
+        lr_used = trainee.optimizer.param_groups[-1]["lr"]  # before the schedule steps it
         _optimiser_step(trainee, plan, state)
+        if on_step is not None and n_acc > last_n:
+            on_step(state.step, (loss_acc - last_acc) / (n_acc - last_n), lr_used)
+            last_acc, last_n = loss_acc.clone(), n_acc
         if state.step % 20 == 0 or done == plan.batches:  # one host sync every 20 steps
             running = float(loss_acc) / max(n_acc, 1)
             if not math.isfinite(running):
@@ -417,7 +437,8 @@ class _Run:
     state: RunState
     size: int  # input side, pixels
     norm: tuple[Sequence[float], Sequence[float]]  # mean, std
-    writer: Any = None  # TensorBoard, main rank only
+    writer: Any = None  # TensorBoard (run_log.RunBoard), main rank only
+    clock: EtaClock | None = None  # the log line's ETA, main rank only
 
     def save_resume(self) -> None:
         """Write ``last.resume.pt`` (main rank): weights, optimiser, schedule, RNG, progress."""
@@ -507,7 +528,7 @@ def _evaluate_candidate(
     """Validation metrics of ``module`` and, unless calibration is off, thresholds chosen on
     the calibration data (held-out training images, the val split itself, or the fixed
     out-of-fold scores) with the val metrics at those thresholds (``cal_*``)."""
-    res, _, scores, targets = evaluate(module, val_loader, **ev)
+    res, _, scores, targets = evaluate(module, val_loader, **ev, desc=f"{name} val")
     choice = calib_scores = calib_targets = None
     if plan.mode == "val":
         choice, cal = calibrated_metrics(scores, targets, scores, targets, rule)
@@ -516,7 +537,9 @@ def _evaluate_candidate(
         choice, cal = calibrated_metrics(plan.scores, plan.targets, scores, targets, rule)
         res = {**res, **cal}
     elif calib_loader is not None:
-        _, _, calib_scores, calib_targets = evaluate(module, calib_loader, **ev)
+        _, _, calib_scores, calib_targets = evaluate(
+            module, calib_loader, **ev, desc=f"{name} calib"
+        )
         choice, cal = calibrated_metrics(calib_scores, calib_targets, scores, targets, rule)
         # the held-out training images' mAP: what train.select_on=holdout selects on
         held = float(multilabel_metrics(calib_scores, calib_targets)["mAP"])
@@ -534,6 +557,7 @@ def _evaluate_candidates(run: _Run, stop: _StopFlag, epoch: int) -> list[_Candid
         channels_last=run.cfg.train.channels_last,
         should_stop=stop,
         prepare=loaders.eval_prepare,
+        progress=run.cfg.run.progress and run.dist.is_main,
     )
     plan, rule = run.data.calibration, to_dict(run.cfg.thresholds)
     dist_utils.broadcast_buffers(unwrap_model(t.model))
@@ -562,19 +586,24 @@ def _evaluate_candidates(run: _Run, stop: _StopFlag, epoch: int) -> list[_Candid
     return candidates
 
 
-def _write_epoch(run: _Run, row: dict[str, Any], best: _Candidate | None) -> None:
-    """Main rank: the epoch's log line, ``metrics.csv``, TensorBoard and, when ``best`` is
-    given (it improved), ``best.safetensors`` with the scores the report is drawn from."""
+def _write_epoch(
+    run: _Run, row: dict[str, Any], best: _Candidate | None, shown: _Candidate | None = None
+) -> None:
+    """Main rank: the epoch's log line (with the whole run's ETA), ``metrics.csv``,
+    TensorBoard (``shown``: the epoch's better weights, for PR curves and predictions) and,
+    when ``best`` is given (it improved), ``best.safetensors`` with the report's scores."""
     cfg, run_dir = run.cfg, run.run_dir
     ema_map = f"  EMA mAP {row['ema_mAP']:.4f}" if "ema_mAP" in row else ""
+    left = run.clock.eta(row["epoch"], cfg.train.epochs) if run.clock is not None else 0.0
     log.info(
-        "epoch %d/%d  loss %.4f  mAP %.4f%s  (%.0fs)",
+        "epoch %d/%d  loss %.4f  mAP %.4f%s  (%.0fs)  ETA %s",
         row["epoch"],
         cfg.train.epochs,
         row["train_loss"],
         row["mAP"],
         ema_map,
         row["epoch_time_s"],
+        format_duration(left),
     )
     write_metrics_csv(run_dir / "metrics.csv", run.state.history)
     if run.writer is not None:
@@ -582,6 +611,8 @@ def _write_epoch(run: _Run, row: dict[str, Any], best: _Candidate | None) -> Non
             if k != "epoch":
                 tag = k if k in ("train_loss", "lr", "epoch_time_s") else f"val/{k}"
                 run.writer.add_scalar(tag, v, row["epoch"])
+        if shown is not None:
+            run.writer.epoch_end(row["epoch"], shown.module, shown.scores, shown.targets)
         run.writer.flush()
     if best is None:
         return
@@ -619,7 +650,7 @@ def evaluate_and_checkpoint(
         state.best_map = float(best.results["mAP"])
         state.best_epoch = epoch + 1
     if run.dist.is_main:
-        _write_epoch(run, row, best if improved else None)
+        _write_epoch(run, row, best if improved else None, shown=best)
 
 
 def final_report(run: _Run) -> None:
@@ -880,10 +911,11 @@ def open_run(run: _Run, fresh: bool) -> None:
     prepare_run_dir(run.run_dir, run.cfg, run.data.labels, skipped, fresh=fresh)
     if run.data.fold_index is not None:  # a fold run: which rows of the split it scores
         save_fold_record(run.run_dir, run.data.fold_index, run.data.split_size)
+    run.clock = EtaClock(run.state.epoch)
     if run.cfg.run.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        run.writer = SummaryWriter(str(run.run_dir / "tb"))
+        _, eval_tf = config_transforms(run.cfg.data, run.size, *run.norm)
+        sample = board_sample(run.data.val, eval_tf, run.size)
+        run.writer = RunBoard(run.run_dir / "tb", run.data.labels.names, sample, run.norm)
 
 
 def _run_epoch(run: _Run, stop: _StopFlag, stop_after_steps: int | None) -> float:
@@ -924,6 +956,7 @@ def _run_epoch(run: _Run, stop: _StopFlag, stop_after_steps: int | None) -> floa
             plan,
             should_stop,
             before_batch,
+            on_step=run.writer.step if run.writer is not None else None,
         )
     except EpochInterrupted:
         run.save_resume()
