@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import struct
 import threading
 import zlib
@@ -235,3 +236,114 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served: Served) -> No
     assert r.status_code == 200 and r.json()["results"][0]["labels"][0]["label"] == "dog"
     metrics = httpx.get(served.url + "/metrics").text
     assert 'mlic_requests_total{code="415"}' in metrics
+
+
+# ----------------------------------------------------------------------------- example images
+def make_run_folder(root: Path, val_images: int = 12) -> Path:
+    """A run folder as ``mlic train`` leaves it, for serving: ``config.yaml`` naming a VOC set
+    whose val split is on disk (48 px JPEGs), and the controlled ``best.safetensors``."""
+    from conftest import make_voc
+    from mlic.config import load_config, save_config
+    from serve_fixtures import make_checkpoint
+
+    val = [[(NAMES[i % len(NAMES)], 0), ("dog", 0)] for i in range(val_images)]
+    voc = make_voc(root / "data", {"train": [[("cat", 0)]] * 2, "val": val}, labels_txt=NAMES)
+    run = root / "run"
+    run.mkdir(parents=True)
+    overrides = ["data.format=voc", f"data.root={voc}", "model.backbone=test_resnet"]
+    save_config(load_config(None, overrides), run / "config.yaml")
+    make_checkpoint(run / "best.safetensors")
+    return run
+
+
+def test_examples_are_files_of_the_runs_val_split(tmp_path: Path) -> None:
+    from mlic.serve.examples import MAX_EXAMPLES, find_examples
+
+    run = make_run_folder(tmp_path)
+    voc = tmp_path / "data" / "VOCdevkit" / "VOC2007"
+    val_ids = (voc / "ImageSets" / "Main" / "val.txt").read_text().split()
+    found = find_examples(str(run), NAMES, 2**20)
+    assert len(found) == MAX_EXAMPLES
+    assert len({e.path for e in found}) == MAX_EXAMPLES  # spread over the split, no repeats
+    for e in found:
+        assert e.path.parent == voc / "JPEGImages" and e.path.stem in val_ids
+        assert e.media_type == "image/jpeg" and e.name == e.path.name and "dog" in e.labels
+    # the checkpoint inside the run folder finds the same; a bare checkpoint, a Hub id: none
+    assert find_examples(str(run / "best.safetensors"), NAMES, 2**20) == found
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((run / "best.safetensors").read_bytes())
+    assert find_examples(str(bare / "model.safetensors"), NAMES, 2**20) == []
+    assert find_examples("hf-hub:someone/model", NAMES, 2**20) == []
+
+
+def test_examples_skip_files_not_to_offer(tmp_path: Path) -> None:
+    """A link out of the data root, a non-image, a file over the upload limit, a missing
+    file: not offered; a run whose data is gone, or a demo set not generated yet: none, and
+    nothing generated."""
+    from mlic.serve.examples import find_examples
+
+    run = make_run_folder(tmp_path, val_images=4)
+    images = sorted((tmp_path / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))
+    val = images[2:]  # make_voc numbers train first
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(val[0].read_bytes())
+    val[0].unlink()
+    val[0].symlink_to(secret)  # an image, but outside the data root
+    val[1].write_bytes(b"not an image at all")
+    val[2].unlink()
+    assert [e.path for e in find_examples(str(run), NAMES, 2**20)] == [val[3]]
+    big = make_run_folder(tmp_path / "big", val_images=2)
+    assert find_examples(str(big), NAMES, 100) == []  # every file is over 100 bytes
+    shutil.rmtree(tmp_path / "big" / "data")
+    assert find_examples(str(big), NAMES, 2**20) == []
+    from mlic.config import load_config, save_config
+
+    demo_root = tmp_path / "demo-data"
+    overrides = ["data.format=demo", f"data.root={demo_root}", "model.backbone=test_resnet"]
+    save_config(load_config(None, overrides), big / "config.yaml")
+    assert find_examples(str(big), NAMES, 2**20) == [] and not demo_root.exists()
+
+
+def test_example_routes_take_an_index_never_a_path(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from mlic.serve.examples import add_example_routes, find_examples
+
+    run = make_run_folder(tmp_path, val_images=3)
+    found = find_examples(str(run), NAMES, 2**20)
+    app = FastAPI()
+    add_example_routes(app, found, 2**20, [])
+    client = TestClient(app)
+    listed = client.get("/examples").json()
+    assert [x["index"] for x in listed] == [0, 1, 2]
+    assert [x["name"] for x in listed] == [e.name for e in found]
+    r = client.get("/examples/1")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.content == found[1].path.read_bytes()
+    assert Image.open(io.BytesIO(r.content)).size == (48, 48)
+    for bad in (
+        "3",
+        "-1",
+        "99",
+        "1.0",
+        "%D9%A1",  # an Arabic-Indic digit one: int() would take it
+        "%201",
+        "..%2F..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+        found[0].path.name,
+        str(found[0].path).replace("/", "%2F"),
+    ):
+        r = client.get("/examples/" + bad)
+        assert r.status_code == 404, (bad, r.status_code)
+    # a file changed since start-up into something not offered is not served either
+    found[2].path.write_bytes(b"now a text file")
+    assert client.get("/examples/2").status_code == 404
+
+
+def test_no_examples_for_a_bare_checkpoint(served: Served) -> None:
+    assert httpx.get(served.url + "/examples").json() == []
+    assert httpx.get(served.url + "/examples/0").status_code == 404
+    info = httpx.get(served.url + "/v1/model").json()
+    assert info["max_images_per_request"] == 8  # the fixture's --max-images: the page's batches

@@ -58,6 +58,7 @@ from mlic.engine.precision import ONNX_RUNTIME, Precision, check_device, resolve
 from mlic.errors import ConfigError
 from mlic.files import file_sha256
 from mlic.serve import SERVE_RANGES
+from mlic.serve.examples import Example, add_example_routes, find_examples
 from mlic.serve.validation import (
     MAX_HEATMAP_IMAGES,
     MAX_HEATMAP_LABELS,
@@ -243,6 +244,7 @@ class _Runtime:
     batch_requests: Any  # shared per-bucket counts of requests per dynamic batch (+ sum)
     batch_images: Any  # the same for images per dynamic batch
     metrics: dict[str, Any] = field(default_factory=dict)
+    examples: list[Example] = field(default_factory=list)  # the page's, chosen at start-up
 
 
 _RUNTIME: _Runtime | None = None
@@ -790,6 +792,7 @@ def _build_runtime(config: ServeConfig) -> _Runtime:
     path, meta = resolve_model(config)
     config.model_path = str(path)
     info = model_info(path, meta, config.backend, str(serve_precision(config)))
+    info["max_images_per_request"] = config.max_images  # the page sends batches within it
     spawn = mp.get_context("spawn")  # shared with spawned inference workers
     rt = _Runtime(
         config=config,
@@ -817,12 +820,13 @@ def _build_runtime(config: ServeConfig) -> _Runtime:
         ),
     }
     registry.register(_metrics_collector(rt))
+    rt.examples = find_examples(config.target, info["labels"], config.limits().max_upload_bytes)
     return rt
 
 
 def _add_routes(app: Any, server: ls.LitServer, api: "MlicAPI", rt: _Runtime) -> None:
-    """The page, /v1/model, /healthz, /readyz, /metrics and the request counter; LitServe's
-    own "/" ("litserve running") gives way to the page."""
+    """The page, /v1/model, /examples, /healthz, /readyz, /metrics and the request counter;
+    LitServe's own "/" ("litserve running") gives way to the page."""
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
     for route in app.router.routes:
         if getattr(route, "path", None) == "/v1/predict":
@@ -839,6 +843,8 @@ def _add_routes(app: Any, server: ls.LitServer, api: "MlicAPI", rt: _Runtime) ->
     @app.get("/v1/model", dependencies=auth, summary="The served model")
     async def get_model() -> dict[str, Any]:
         return rt.info
+
+    add_example_routes(app, rt.examples, rt.config.limits().max_upload_bytes, auth)
 
     @app.get("/healthz", summary="Liveness: the HTTP process answers")
     async def healthz() -> dict[str, str]:
