@@ -182,20 +182,37 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def _platt_fit(z: np.ndarray, y: np.ndarray, reg: float = 1.0, steps: int = 25) -> np.ndarray:
-    """``[a, b]`` of ``sigmoid(a z + b)`` by Newton's method on the log-loss plus
-    ``reg/2 ((a-1)^2 + b^2)``: with few positives the prior keeps the identity."""
-    w = np.array([1.0, 0.0])
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
+
+
+def _platt_fit(z: np.ndarray, y: np.ndarray, reg: float = 1.0, steps: int = 50) -> np.ndarray:
+    """``[a, b]`` of ``sigmoid(a z + b)`` by damped Newton steps on the log-loss plus
+    ``reg/2 ((a-1)^2 + b^2)``: with few positives the prior keeps the identity, and a step
+    is halved until the objective falls (separable classes would diverge otherwise)."""
     x = np.stack([z, np.ones_like(z)], axis=1)  # [n, 2]
     prior = np.array([1.0, 0.0])
+
+    def loss(w: np.ndarray) -> float:
+        m = x @ w
+        nll = np.logaddexp(0.0, m) - y * m  # -log p(y | m), stable
+        return float(nll.sum() + 0.5 * reg * ((w - prior) ** 2).sum())
+
+    w = prior.copy()
+    current = loss(w)
     for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        p = _sigmoid(x @ w)
         grad = x.T @ (p - y) + reg * (w - prior)
         hess = (x * (p * (1 - p))[:, None]).T @ x + reg * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        w = w - step
-        if np.abs(step).max() < 1e-8:
+        scale = 1.0
+        while scale > 1e-4 and loss(w - scale * step) > current:
+            scale *= 0.5
+        w = w - scale * step
+        new = loss(w)
+        if current - new < 1e-10:
             break
+        current = new
     return w
 
 
@@ -208,10 +225,10 @@ def _platt(s: np.ndarray, t: np.ndarray, obj: Objective) -> tuple[np.ndarray, fl
     for j in range(s.shape[1]):
         valid = t[:, j] != -1
         params[j] = _platt_fit(z[valid, j], (t[valid, j] == 1).astype(float))
-        cal[:, j] = 1.0 / (1.0 + np.exp(-(params[j, 0] * z[:, j] + params[j, 1])))
+        cal[:, j] = _sigmoid(params[j, 0] * z[:, j] + params[j, 1])
     cut, met = _pooled(cal, t, obj)
-    a = np.maximum(params[:, 0], 1e-3)  # a slope <= 0 would invert the class: keep it rising
-    raw = 1.0 / (1.0 + np.exp(-((_logit(np.array(cut)) - params[:, 1]) / a)))  # [C]
+    a = np.maximum(params[:, 0], 0.05)  # a slope <= 0 would invert the class: keep it rising
+    raw = _sigmoid((_logit(np.array(cut)) - params[:, 1]) / a)  # [C]
     return raw, cut, np.full(s.shape[1], met)
 
 
