@@ -116,7 +116,7 @@ def train_demo(args: argparse.Namespace) -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for model in models:
             name = f"{model}-demo-s{seed}"
-            if (Path(args.runs) / name / "best_calib_scores.npy").exists():
+            if (Path(args.runs) / name / "report.md").exists():
                 continue
             recipe = "demo" if model == "baseline" else f"{model}_demo"
             cmd = [
@@ -152,7 +152,7 @@ def main() -> None:
         train_demo(args)
     results: dict[str, list[dict]] = {}
     for run in sorted(Path(args.runs).iterdir()):
-        if (run / "best_calib_scores.npy").exists() and (run / "best_val_scores.npy").exists():
+        if (run / "report.md").exists() and (run / "best_calib_scores.npy").exists():  # finished
             model = run.name.split("-")[0]
             results.setdefault(model, []).append(evaluate_run(run))
     if args.json:

