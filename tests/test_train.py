@@ -325,7 +325,10 @@ def test_train_ends_with_the_kept_weights_table_and_one_epoch_numbering(
     ema = meta["weights"] == "ema"
     kept = "the EMA weights" if ema else "the raw weights"
     assert f"best epoch {meta['epoch']} of 2, {kept} kept" in out, out
-    assert "At threshold 0.5:" in out and "At the per-class thresholds" in out
+    # the thresholds users get first, with the rule and the data they were chosen on; then 0.5
+    users = out.index("At the per-class thresholds `mlic predict` and `serve` use (rule shrunk")
+    assert users < out.index("At threshold 0.5 (the papers' convention):")
+    assert "chosen on " in out and "held-out training images" in out
     row = rows[meta["epoch"] - 1]  # metrics.csv's row of the kept epoch: its numbers are shown
     assert row["epoch"] == str(meta["epoch"])
     assert f"| {100 * float(row[('ema_' if ema else '') + 'mAP']):.2f} |" in out, out

@@ -138,7 +138,8 @@ def print_final_table(cfg: Any, result: dict[str, Any], title: str, seconds: flo
     from mlic.engine.checkpoint import read_metadata
 
     best = next(r for r in result["history"] if r["epoch"] == result["best_epoch"])
-    weights = read_metadata(Path(result["run_dir"]) / "best.safetensors").get("weights")
+    meta = read_metadata(Path(result["run_dir"]) / "best.safetensors")
+    weights = meta.get("weights")
     shown = (
         {k[4:]: v for k, v in best.items() if k.startswith("ema_")} if weights == "ema" else best
     )
@@ -148,15 +149,16 @@ def print_final_table(cfg: Any, result: dict[str, Any], title: str, seconds: flo
         f"{result['best_epoch']} of {len(result['history'])}, "
         f"{'the EMA weights' if weights == 'ema' else 'the raw weights'} kept, {seconds:.0f} s\n"
     )
-    print("At threshold 0.5:\n")
-    print(metric_table(shown))
     calibrated = {k[4:]: v for k, v in shown.items() if k.startswith("cal_")}
-    if calibrated:
+    if calibrated:  # what users get first: predict and serve use these thresholds
         print(
-            "\nAt the per-class thresholds calibrated on held-out training images "
-            "(stored in best.safetensors, used by `mlic predict`):\n"
+            f"At the per-class thresholds `mlic predict` and `serve` use (rule "
+            f"{meta.get('threshold_rule')}, chosen on {meta.get('thresholds_from')}):\n"
         )
         print(metric_table(calibrated))
+        print()
+    print("At threshold 0.5 (the papers' convention):\n")
+    print(metric_table(shown))
     print(f"\nrun: {result['run_dir']}  report: {Path(result['run_dir']) / 'report.md'}")
 
 
