@@ -241,6 +241,8 @@ def test_cli_end_to_end_resumes_and_never_touches_the_data(
     assert "exists" in line
     line = one_error_line([*argv[:-1], str(tiny_voc / "issues")], capsys)
     assert "inside the data folder" in line
+    line = one_error_line([*argv[:-1], str(out / "folds" / "fold-0")], capsys)
+    assert "is a training run's folder" in line
     assert main([*argv, "--write-fixed", str(tmp_path / "fixed.csv"), "--top", "2"]) == 0
     fixed = load_csv(tmp_path / "fixed.csv", tiny_voc)
     assert len(fixed) == 24 and fixed.images[0].parent.name == "JPEGImages"

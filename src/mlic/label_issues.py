@@ -47,7 +47,14 @@ from mlic.data import Annotations
 from mlic.data.dataset import load_split
 from mlic.engine.folds import OutOfFold, out_of_fold_scores
 from mlic.errors import ConfigError, DataError
-from mlic.files import atomic_write, display_path, refuse_run_file, save_npy, write_text
+from mlic.files import (
+    atomic_write,
+    display_path,
+    is_run_folder,
+    refuse_run_file,
+    save_npy,
+    write_text,
+)
 
 __all__ = [
     "LabelIssues",
@@ -212,7 +219,12 @@ def _data_folders(data_cfg: Any) -> list[Path]:
 
 
 def _check_output(data_cfg: Any, output: Path) -> None:
-    """Refuse an output folder inside the data or in a training run's own files."""
+    """Refuse an output folder inside the data, or a training run's folder or files."""
+    if is_run_folder(output):
+        raise ConfigError(
+            f"--output {display_path(output)}: is a training run's folder (its folds/ are the "
+            "run's own); choose another folder"
+        )
     target = output.resolve()
     for folder in _data_folders(data_cfg):
         if target == folder or folder in target.parents:
@@ -224,11 +236,17 @@ def _check_output(data_cfg: Any, output: Path) -> None:
 
 
 def _fingerprint(cfg: Config, folds: int, epochs: int) -> dict[str, Any]:
-    """What decides the fold runs' scores (not where runs go, workers, eval batch size)."""
+    """What decides the fold runs' scores: not where runs go, workers, eval batch size, nor
+    what a fold run's config replaces (its epochs, calibration, evaluation schedule)."""
     d = to_dict(cfg)
     d.pop("run", None)
-    for key in ("workers", "eval_batch_size"):
+    d.pop("thresholds", None)
+    for key in ("workers", "eval_batch_size", "folds", "fold"):
         d["data"].pop(key, None)
+    for key in [k for k in d["data"] if k.startswith("calibration")]:
+        d["data"].pop(key)
+    for key in ("epochs", "eval_every", "select_on"):
+        d["train"].pop(key, None)
     return json.loads(json.dumps({"folds": folds, "fold_epochs": epochs, "config": d}))
 
 
