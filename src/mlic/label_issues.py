@@ -51,6 +51,7 @@ from mlic.files import (
     atomic_write,
     display_path,
     is_run_folder,
+    read_regular_text,
     refuse_run_file,
     save_npy,
     write_text,
@@ -262,8 +263,8 @@ def _check_record(output: Path, want: dict[str, Any], main: bool) -> None:
     path = output / RECORD
     if path.exists():
         try:
-            have = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+            have = json.loads(read_regular_text(path, "issues record"))
+        except ValueError as e:
             raise DataError(f"{path}: unreadable ({e}); delete {display_path(output)}") from None
         diff = _differences(have, want)
         if diff:
