@@ -467,6 +467,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from mlic.data.stats import write_stats
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if args.action == "issues":
+        return _issues(cfg, args)
     if args.action == "pack":
         return _pack(cfg, args)
     if args.action == "show":
@@ -513,6 +515,59 @@ def _show(cfg, args: argparse.Namespace) -> int:
     refuse_run_file(output, "--output")
     path, titles = show_batch(cfg.data, output, split=args.split, n=args.n, seed=cfg.train.seed)
     print(f"{len(titles)} {args.split} images after the training augmentation: {path}")
+    return 0
+
+
+def _issues(cfg, args: argparse.Namespace) -> int:
+    """``mlic data issues CONFIG --folds K --output DIR``: suspected label errors of the
+    training split from K fold runs' out-of-fold scores (:mod:`mlic.label_issues`)."""
+    from mlic.engine.trainer import train
+    from mlic.files import display_path
+    from mlic.label_issues import (
+        WEAK_SEPARATION,
+        annotation_files,
+        check_fixed_target,
+        find_label_issues,
+        write_fixed,
+    )
+
+    if (args.write_fixed is None) != (args.top is None):
+        raise ConfigError("--write-fixed FILE and --top N go together (flip the top N suspects)")
+    if args.write_fixed is not None:  # refused before hours of training, not after
+        check_fixed_target(args.write_fixed, annotation_files(cfg.data))
+    output = Path(args.output) if args.output else Path(cfg.run.output_dir) / "label-issues"
+    result = find_label_issues(cfg, output, args.folds, train, args.fold_epochs)
+    if result is None:  # a torchrun rank other than 0: it trained its share
+        return 0
+    issues, names, classes = result.issues, result.names, result.ann.names
+    print(
+        f"{len(issues)} suspected label errors among {int(result.oof.scored.sum())} training "
+        f"images ({result.oof.folds} fold runs of {result.oof.epochs} epoch(s), "
+        f"{result.seconds:.0f} s) in {display_path(output)}: issues.csv, summary.csv, "
+        "index.html, oof_scores.npy"
+    )
+    if len(issues):
+        print(f"{'rank':>5}  {'score':>6}  {'label':<8} {'class':<16} image")
+        for i in range(min(10, len(issues))):
+            kind = "missing" if issues.given[i] == 0 else "extra"
+            print(
+                f"{i + 1:>5}  {issues.score[i]:>6.3f}  {kind:<8} "
+                f"{classes[issues.cls[i]]:<16} {names[issues.row[i]]}"
+            )
+    weak = [s["class"] for s in issues.summary if s["separation"] < WEAK_SEPARATION]
+    if weak:
+        print(
+            f"{len(weak)} class(es) the fold models barely separate (separation < "
+            f"{WEAK_SEPARATION} in summary.csv), their suspects are mostly noise: "
+            f"{', '.join(weak[:8])}{' ...' if len(weak) > 8 else ''} (more --fold-epochs?)"
+        )
+    if args.write_fixed is not None:
+        path, n = write_fixed(args.write_fixed, result, args.top, annotation_files(cfg.data))
+        print(
+            f"{display_path(path)}: the training labels with the top {n} suspects flipped "
+            f"(train on it with data.format=csv data.train={display_path(path)} "
+            f"data.train_images={display_path(result.image_base)}; data.val must then be a CSV too)"
+        )
     return 0
 
 
@@ -725,11 +780,13 @@ def _add_data(sub: Any) -> None:
     )
     s.add_argument(
         "action",
-        choices=["check", "stats", "pack", "show"],
+        choices=["check", "stats", "pack", "show", "issues"],
         help="check: list every broken image; "
         "stats: also write stats.md, class_frequency.png, cooccurrence.png; "
         "pack: write one split as WebDataset tar shards + dataset.json (--out); "
-        "show: a PNG grid of images after the training augmentation, titled with their labels",
+        "show: a PNG grid of images after the training augmentation, titled with their labels; "
+        "issues: rank suspected label errors of the training split from --folds K fold runs "
+        "(K trainings) into --output DIR",
     )
     s.add_argument("config", help="YAML path or shipped recipe name (its data.* section is used)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=...")
@@ -738,7 +795,8 @@ def _add_data(sub: Any) -> None:
     s.add_argument(
         "--output",
         help="stats: output folder (default: <run.output_dir>/data-stats); "
-        "show: the PNG (default: data-show.png)",
+        "show: the PNG (default: data-show.png); "
+        "issues: output folder (default: <run.output_dir>/label-issues)",
     )
     s.add_argument(
         "--split", default="train", choices=["train", "val"], help="pack, show: which split"
@@ -748,6 +806,20 @@ def _add_data(sub: Any) -> None:
     s.add_argument("--shard-size", default="1GB", help="pack: bytes per shard (1GB, 500MB, ...)")
     s.add_argument("--samples-per-shard", type=int, help="pack: also cap samples per shard")
     s.add_argument("--seed", type=int, default=0, help="pack: seed of the sample order")
+    s.add_argument(
+        "--folds", type=_bounded(int, 2, 100), default=5, help="issues: fold runs (default 5)"
+    )
+    s.add_argument(
+        "--fold-epochs", type=POSITIVE_INT, help="issues: epochs per fold (default: train.epochs)"
+    )
+    s.add_argument(
+        "--write-fixed",
+        metavar="FILE",
+        help="issues: a new CSV of the labels, top suspects flipped",
+    )
+    s.add_argument(
+        "--top", type=_bounded(int, 0), help="issues: how many suspects --write-fixed flips"
+    )
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_data)
 
