@@ -121,7 +121,12 @@ def _fold_config(cfg: Config, folder: Path, k: int, i: int, epochs: int) -> Conf
             head_warmup_epochs=min(tr.head_warmup_epochs, epochs),
         ),
         run=replace(
-            cfg.run, output_dir=str(folder), name=f"fold-{i}", tensorboard=False, overwrite=True
+            cfg.run,
+            output_dir=str(folder),
+            name=f"fold-{i}",
+            tensorboard=False,
+            # a fold folder left without a resume point (killed at its start) is redone
+            overwrite=(folder / f"fold-{i}").exists(),
         ),
     )
 
