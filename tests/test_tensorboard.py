@@ -12,31 +12,18 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import mlic.engine.trainer as trainer
-from conftest import TINY_BACKBONE
 from mlic.config import load_config
 from mlic.engine.checkpoint import load_resume
 from mlic.engine.run_log import EtaClock, format_duration
 from mlic.engine.trainer import train
 from mlic.viz import file_slug
+from test_train import tiny_overrides
 
 
 def tiny_run_config(voc: Path, out: Path, **over: str):
-    base = {
-        "data.format": "voc",
-        "data.root": str(voc),
-        "data.image_size": "32",
-        "data.batch_size": "4",
-        "data.workers": "0",
-        "model.backbone": TINY_BACKBONE,
-        "model.pretrained": "false",
-        "train.epochs": "2",
-        "run.output_dir": str(out),
-        "run.name": "tb",
-        "run.progress": "false",
-        "run.tensorboard": "true",
-    }
-    base.update(over)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    """The tests' tiny recipe (test_train.tiny_overrides) at 32 px, with TensorBoard on."""
+    small = {"data.image_size": "32", "data.batch_size": "4", "run.tensorboard": "true"}
+    return load_config(None, tiny_overrides(voc, out, "tb", **{**small, **over}))
 
 
 @pytest.mark.parametrize(

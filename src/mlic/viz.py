@@ -101,12 +101,7 @@ def per_class_ap_figure(names: Sequence[str], ap: np.ndarray) -> Figure:
 
 def plot_per_class_ap(names: Sequence[str], ap: np.ndarray, path: Path) -> Path:
     """:func:`per_class_ap_figure` written to ``path`` (PNG)."""
-    fig = per_class_ap_figure(names, ap)
-    try:
-        savefig(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(per_class_ap_figure(names, ap), path)
 
 
 def plot_pr_curves(
@@ -176,12 +171,7 @@ def cooccurrence_figure(names: Sequence[str], targets: np.ndarray) -> Figure:
 
 def plot_cooccurrence(names: Sequence[str], targets: np.ndarray, path: Path) -> Path:
     """:func:`cooccurrence_figure` written to ``path`` (PNG)."""
-    fig = cooccurrence_figure(names, targets)
-    try:
-        savefig(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(cooccurrence_figure(names, targets), path)
 
 
 def threshold_lines(
@@ -300,19 +290,42 @@ def heatmap_grid(
     image: Any, overlays: Sequence[Any], titles: Sequence[str], path: Path, columns: int = 4
 ) -> Path:
     """One PNG: the original image and every labelled overlay, titled with label and probability."""
-    panels = [image, *overlays]
-    names = ["input", *titles]
+    return image_grid([image, *overlays], ["input", *titles], path, columns)
+
+
+def image_grid(
+    panels: Sequence[Any],
+    titles: Sequence[str],
+    path: Path,
+    columns: int = 4,
+    side: float = 3.0,
+    fontsize: int = 9,
+    dpi: int = 100,
+) -> Path:
+    """One PNG of images (PIL or [H, W, 3] arrays) in rows of ``columns``, each titled; the
+    unused panels of the last row left blank."""
     cols = min(columns, len(panels))
     rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    lines = max(t.count("\n") + 1 for t in titles)  # room for the longest title
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(side * cols, (side + 0.18 * lines) * rows), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
-    for ax, panel, name in zip(axes.flat, panels, names, strict=False):
+    for ax, panel, title in zip(axes.flat, panels, titles, strict=False):
         ax.imshow(panel)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(title, fontsize=fontsize)
     fig.tight_layout()
-    savefig(fig, path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi)
+    return path
+
+
+def _save(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` (atomically) and free it, also when the write fails."""
+    try:
+        savefig(fig, path, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -12,17 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mlic.config import DEFAULT_IMAGE_SIZE  # noqa: E402
-from mlic.data.dataset import load_split  # noqa: E402
-from mlic.data.transforms import apply_seeded, config_transforms, decode_image  # noqa: E402
-from mlic.errors import ConfigError, DataError  # noqa: E402
-from mlic.files import savefig  # noqa: E402
+from mlic.config import DEFAULT_IMAGE_SIZE
+from mlic.data.dataset import load_split
+from mlic.data.transforms import apply_seeded, config_transforms, decode_image
+from mlic.errors import ConfigError, DataError
+from mlic.viz import image_grid
 
 __all__ = ["MAX_SHOWN", "show_batch", "grid_shape", "label_title"]
 
@@ -80,24 +76,6 @@ def show_batch(
         shown = apply_seeded(train_tf, img, seed * 1_000_003 + i)  # [3, S, S] uint8
         images.append(shown.permute(1, 2, 0).numpy())  # [S, S, 3] for imshow
         titles.append(label_title(ann.names, ann.targets[i]))
-    _draw(images, titles, Path(output))
+    _, cols = grid_shape(len(images))
+    image_grid(images, titles, Path(output), columns=cols, side=2.4, fontsize=8, dpi=90)
     return Path(output), titles
-
-
-def _draw(images: list[np.ndarray], titles: list[str], path: Path) -> None:
-    """The grid, each panel titled; the unused panels of the last row left blank."""
-    rows, cols = grid_shape(len(images))
-    lines = max(t.count("\n") + 1 for t in titles)  # room for the longest title
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(2.4 * cols, (2.4 + 0.18 * lines) * rows), squeeze=False
-    )
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(img)
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    try:
-        savefig(fig, path, dpi=90)
-    finally:
-        plt.close(fig)
