@@ -110,6 +110,26 @@ def wins(results: dict[str, list[dict]], source: str, a: str, b: str) -> str:
     return f"{a} >= {b}: CF1 in {ge_c}/{n} runs, OF1 in {ge_o}/{n}"
 
 
+def deltas(results: dict[str, list[dict]], source: str, rule: str) -> str:
+    """Per model: ``rule`` minus 0.5, global and the old rule, paired by seed (mean ± std of the
+    per-seed differences, points of CF1 / OF1); a mean below minus its spread is a loss."""
+    others = ("0.5", "global", "best_f1 (old)")
+    lines = [f"| model | {rule} - " + " | - ".join(others) + " |", "|---|" + "---:|" * 3]
+    for model in sorted(results):
+        cells = []
+        for other in others:
+            parts = []
+            for metric in ("CF1", "OF1"):
+                d = [
+                    r[f"{source}|{rule}"][metric] - r[f"{source}|{other}"][metric]
+                    for r in results[model]
+                ]
+                parts.append(mean_std(d).replace(" ± ", "±"))
+            cells.append(" / ".join(parts))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def train_demo(args: argparse.Namespace) -> None:
     """Every model's demo recipe on the generated demo set, one process per run."""
     models = args.models.split(",")
@@ -146,6 +166,9 @@ def main() -> None:
         "--models", default="baseline,csra,msformer,aamn,ssgrl,mgsgn,attn_gcn,mlgcn,q2l"
     )
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument(
+        "--default", default="shrunk k=10 (new)", help="rules (labels) to compare with the others"
+    )
     ap.add_argument("--set", nargs="*", default=[], help="overrides for --train-demo runs")
     args = ap.parse_args()
     if args.train_demo:
@@ -160,8 +183,9 @@ def main() -> None:
     for source in ("holdout", "val-2fold"):
         print(f"\n### calibration source: {source}\n")
         print(tables(results, source))
-        for other in ("0.5", "global", "best_f1 (old)"):
-            print(f"- {wins(results, source, 'shrunk k=10 (new)', other)}")
+        for rule in args.default.split(","):
+            print(f"\n{rule}, paired differences (points):\n")
+            print(deltas(results, source, rule))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from mlic.engine.calibration import calibrated_metrics, split_calibration
 from mlic.engine.trainer import train
 from mlic.errors import DataError
 from mlic.metrics import best_f1_thresholds, multilabel_metrics
-from mlic.thresholds import choose_thresholds
+from mlic.thresholds import DEFAULT_SHRINK, choose_thresholds
 from test_train import read_metrics, tiny_cfg
 
 
@@ -82,7 +82,8 @@ def test_training_stores_calibrated_thresholds_and_reports_both(
     meta = mlic.engine.checkpoint.read_metadata(run / "best.safetensors")
     assert len(meta["thresholds"]) == 5
     assert meta["thresholds_from"].startswith("6 held-out training images (25 % of 24")
-    assert meta["threshold_rule"] == "shrunk (shrink 10)" and meta["threshold_objective"] == "f1"
+    assert meta["threshold_rule"] == f"shrunk (shrink {DEFAULT_SHRINK:g})"
+    assert meta["threshold_objective"] == "f1"
     held = np.load(run / "calib_targets.npy")
     assert meta["threshold_n_pos"] == [int(n) for n in (held == 1).sum(axis=0)]
     # too few held-out positives for any class of 6 images: all take the global threshold
