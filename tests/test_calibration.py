@@ -74,7 +74,8 @@ def test_calibrated_metrics_use_thresholds_from_the_calibration_data() -> None:
 def test_training_stores_calibrated_thresholds_and_reports_both(
     tiny_voc: Path, tmp_path: Path
 ) -> None:
-    cfg = tiny_cfg(tiny_voc, tmp_path, "cal", **{"data.calibration_fraction": "0.25"})
+    over = {"data.calibration_fraction": "0.25", "thresholds.per_class.cat": "recall:0.9"}
+    cfg = tiny_cfg(tiny_voc, tmp_path, "cal", **over)
     train(cfg)
     run = tmp_path / "cal"
     rows = read_metrics(run)
@@ -84,6 +85,7 @@ def test_training_stores_calibrated_thresholds_and_reports_both(
     assert meta["thresholds_from"].startswith("6 held-out training images (25 % of 24")
     assert meta["threshold_rule"] == f"shrunk (shrink {DEFAULT_SHRINK:g})"
     assert meta["threshold_objective"] == "f1"
+    assert meta["threshold_objective_per_class"] == {"cat": "recall:0.9"}
     held = np.load(run / "calib_targets.npy")
     assert meta["threshold_n_pos"] == [int(n) for n in (held == 1).sum(axis=0)]
     # too few held-out positives for any class of 6 images: all take the global threshold

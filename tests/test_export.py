@@ -65,6 +65,8 @@ def save_tiny_checkpoint(name: str, folder: Path) -> Path:
         mean=MEAN,
         std=STD,
         thresholds=THRESHOLDS,
+        threshold_rule="shrunk (shrink 10)",
+        threshold_n_pos=[3, 1, 0, 7, 2],
     )
 
 
@@ -108,6 +110,9 @@ def test_onnx_metadata_describes_the_model(onnx_export: Callable[[str], ExportRe
     assert meta["input_size"] == [3, SIZE, SIZE]
     assert (meta["mean"], meta["std"]) == (MEAN, STD)
     assert meta["thresholds"] == THRESHOLDS
+    # how they were chosen travels with them (mlic.thresholds.META_KEYS)
+    assert meta["threshold_rule"] == "shrunk (shrink 10)"
+    assert meta["threshold_n_pos"] == [3, 1, 0, 7, 2]
 
 
 def test_verify_onnx_detects_a_different_model(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -151,3 +153,41 @@ def test_objective_parsing_and_bad_values() -> None:
             parse_objective(bad)
     with pytest.raises(ConfigError, match="thresholds.rule"):
         choose_thresholds(*separable(), rule="magic")
+
+
+def test_a_class_can_have_its_own_objective() -> None:
+    rng = np.random.default_rng(5)
+    t = (rng.random((400, 3)) < 0.3).astype(np.int8)
+    s = np.clip(0.35 * t + rng.random((400, 3)) * 0.65, 0, 1)
+    names = ["cat", "dog", "person"]
+    base = choose_thresholds(s, t, names=names)
+    mixed = choose_thresholds(s, t, per_class={"person": "precision:0.95"}, names=names)
+    strict = choose_thresholds(s, t, objective="precision:0.95")
+    np.testing.assert_array_equal(mixed.thresholds[:2], base.thresholds[:2])
+    assert mixed.thresholds[2] == strict.thresholds[2] > base.thresholds[2]
+    meta = mixed.to_meta("cal")
+    assert meta["threshold_objective"] == "f1"
+    assert meta["threshold_objective_per_class"] == {"person": "precision:0.95"}
+    with pytest.raises(ConfigError, match="no class 'horse'"):
+        choose_thresholds(s, t, per_class={"horse": "recall:0.9"}, names=names)
+    with pytest.raises(ConfigError, match="thresholds.per_class.person='precision'"):
+        choose_thresholds(s, t, per_class={"person": "precision"}, names=names)
+
+
+def test_threshold_keys_in_the_config() -> None:
+    from mlic.config import load_config
+
+    cfg = load_config(
+        None, ["thresholds.per_class.person=precision:0.95", "thresholds.rule=global"]
+    )
+    assert (
+        cfg.thresholds.per_class == {"person": "precision:0.95"} and cfg.thresholds.rule == "global"
+    )
+    for bad, says in (
+        ("thresholds.objective=precision", "thresholds.objective='precision'"),
+        ("thresholds.per_class.dog=recall:2", "thresholds.per_class.dog='recall:2'"),
+        ("thresholds.rule=median", "thresholds.rule"),
+        ("thresholds.shrink=-1", "thresholds.shrink=-1.0 must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(None, [bad])

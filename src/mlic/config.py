@@ -252,12 +252,15 @@ class ThresholdConfig:
     ``rule``: shrunk | global | best_f1 | best_f1_mid | platt | fixed. ``objective``: f1,
     ``precision:P`` or ``recall:R``. ``shrink``: pseudo-positives of the shrunk rule.
     ``min_positives``: classes with fewer calibration positives take the global threshold.
+    ``per_class``: other objectives for some classes, e.g. ``{person: precision:0.95}``
+    (on the command line ``thresholds.per_class.person=precision:0.95``).
     """
 
     rule: str = DEFAULT_RULE
     objective: str = "f1"
     shrink: float = DEFAULT_SHRINK
     min_positives: int = DEFAULT_MIN_POSITIVES
+    per_class: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -397,6 +400,8 @@ def _check_calibration(cfg: DictConfig) -> None:
     """The calibration source, the threshold rule's numbers and a fold run's fold."""
     d, t = cfg.data, cfg.thresholds
     parse_objective(t.objective)
+    for name, objective in t.per_class.items():
+        parse_objective(objective, f"thresholds.per_class.{name}")
     if not t.shrink >= 0:
         raise ConfigError(f"thresholds.shrink={t.shrink} must be >= 0")
     if t.min_positives < 0:

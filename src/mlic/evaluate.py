@@ -14,7 +14,7 @@ from mlic.config import load_config
 from mlic.data.dataset import load_split
 from mlic.data.sources import STREAM_FORMATS
 from mlic.data.transforms import build_transform
-from mlic.engine.checkpoint import load_checkpoint, update_metadata
+from mlic.engine.checkpoint import load_checkpoint, read_metadata, update_metadata
 from mlic.engine.loaders import eval_loader, uint8_batch_to_device
 from mlic.engine.precision import resolve_precision
 from mlic.engine.trainer import evaluate, resolve_device
@@ -182,7 +182,8 @@ def _tune(
     (under the run's lock); warns when the split is one the run already chose on."""
     from mlic.config import to_dict
 
-    choice = choose_thresholds(scores, targets, **to_dict(cfg.thresholds))
+    names = list(read_metadata(ckpt)["label_names"])
+    choice = choose_thresholds(scores, targets, **to_dict(cfg.thresholds), names=names)
     split_name = cfg.data.train if split == "train" else cfg.data.val
     where = f"{cfg.data.format} {split} split '{split_name}' (mlic eval --tune-thresholds)"
     tuned = choice.to_meta(where)

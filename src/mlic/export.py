@@ -56,6 +56,7 @@ import torch.nn as nn
 from mlic.config import DEFAULT_IMAGE_SIZE
 from mlic.errors import MlicError, require_extra
 from mlic.files import atomic_write, refuse_run_file
+from mlic.thresholds import META_KEYS
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -244,9 +245,8 @@ def _metadata(model: nn.Module, meta: dict[str, Any], image_size: int) -> dict[s
         "input": f"{INPUT_NAME}: float32 [B, 3, {image_size}, {image_size}], normalised with mean/std",
         "output": f"{OUTPUT_NAME}: float32 [B, C], sigmoid of the logits",
     }
-    if meta.get("thresholds") is not None:
-        out["thresholds"] = meta["thresholds"]
-        out["thresholds_from"] = meta.get("thresholds_from")
+    if meta.get("thresholds") is not None:  # with how they were chosen (mlic.thresholds)
+        out.update({k: meta[k] for k in META_KEYS if k in meta})
     return {k: json.dumps(v) for k, v in out.items() if v is not None}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from mlic.errors import CheckpointError
 from mlic.hub_files import shown, validate_repo_id
+from mlic.thresholds import META_KEYS, describe_objective
 
 __all__ = ["PUSH_FILES", "validate_license", "build_push_folder", "push_run"]
 
@@ -44,15 +45,6 @@ def validate_license(license: str) -> str:
 
 
 # ----------------------------------------------------------------------------- push
-#: Checkpoint metadata on how the stored thresholds were chosen (mlic.thresholds).
-THRESHOLD_DETAILS = (
-    "threshold_rule",
-    "threshold_objective",
-    "threshold_global",
-    "threshold_n_pos",
-    "threshold_fallback",
-    "threshold_unmet",
-)
 
 
 def _threshold_metrics(meta: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
@@ -65,7 +57,7 @@ def _threshold_metrics(meta: dict[str, Any], metrics: dict[str, Any]) -> list[st
     return [
         "At the per-class thresholds `mlic predict` and `serve` use (included in this "
         f"repository; rule {meta.get('threshold_rule', 'best_f1')}, objective "
-        f"{meta.get('threshold_objective', 'f1')}, chosen on {meta.get('thresholds_from')}):",
+        f"{describe_objective(meta)}, chosen on {meta.get('thresholds_from')}):",
         "",
         metric_table(cal),
         "",
@@ -119,8 +111,7 @@ def _hub_config(meta: dict[str, Any], cfg: dict[str, Any] | None) -> dict[str, A
         "mean": meta["mean"],
         "std": meta["std"],
         "thresholds": meta.get("thresholds"),
-        "thresholds_from": meta.get("thresholds_from"),
-        **{k: meta.get(k) for k in THRESHOLD_DETAILS if k in meta},
+        **{k: meta.get(k) for k in META_KEYS if k in meta},
         "metrics": meta.get("metrics"),
         "weights": meta.get("weights"),
         "epoch": meta.get("epoch"),

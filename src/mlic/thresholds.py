@@ -33,7 +33,7 @@ the interval sits on a positive's score and drops it on the slightest shift.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ import numpy as np
 from mlic.errors import ConfigError
 
 __all__ = [
+    "META_KEYS",
     "RULES",
     "DEFAULT_RULE",
     "DEFAULT_SHRINK",
@@ -48,9 +49,23 @@ __all__ = [
     "Objective",
     "ThresholdChoice",
     "parse_objective",
+    "describe_objective",
     "choose_thresholds",
 ]
 
+#: Checkpoint metadata keys that say what the stored thresholds are and how sure each is
+#: (written by :meth:`ThresholdChoice.to_meta`, carried by export, the Hub and the server).
+META_KEYS = (
+    "thresholds",
+    "thresholds_from",
+    "threshold_rule",
+    "threshold_objective",
+    "threshold_objective_per_class",
+    "threshold_global",
+    "threshold_n_pos",
+    "threshold_fallback",
+    "threshold_unmet",
+)
 RULES = ("shrunk", "global", "best_f1", "best_f1_mid", "platt", "fixed")
 DEFAULT_RULE = "shrunk"
 DEFAULT_SHRINK = 10.0  # pseudo-positives: a class with this many positives moves halfway
@@ -69,8 +84,9 @@ class Objective:
         return self.kind if self.target is None else f"{self.kind}:{self.target:g}"
 
 
-def parse_objective(text: str | Objective) -> Objective:
-    """``f1``, ``precision:0.9`` or ``recall:0.8`` (also ``precision>=0.9``) as an Objective."""
+def parse_objective(text: str | Objective, key: str = "thresholds.objective") -> Objective:
+    """``f1``, ``precision:0.9`` or ``recall:0.8`` (also ``precision>=0.9``) as an Objective;
+    ``key`` names the setting in the error."""
     if isinstance(text, Objective):
         return text
     raw = str(text).strip().lower().replace(">=", ":").replace("=", ":")
@@ -85,8 +101,7 @@ def parse_objective(text: str | Objective) -> Objective:
         if 0.0 < target <= 1.0:
             return Objective(kind, target)
     raise ConfigError(
-        f"threshold objective {text!r}: use f1, precision:P or recall:R with P, R in (0, 1] "
-        "(e.g. precision:0.9)"
+        f"{key}={text!r}: use f1, precision:P or recall:R with P, R in (0, 1] (e.g. precision:0.9)"
     )
 
 
@@ -102,6 +117,7 @@ class ThresholdChoice:
     rule: str
     objective: Objective
     shrink: float = DEFAULT_SHRINK
+    per_class: dict[str, Objective] = field(default_factory=dict)  # class name -> objective
 
     def describe_rule(self) -> str:
         return f"shrunk (shrink {self.shrink:g})" if self.rule == "shrunk" else self.rule
@@ -113,11 +129,21 @@ class ThresholdChoice:
             "thresholds_from": source,
             "threshold_rule": self.describe_rule(),
             "threshold_objective": str(self.objective),
+            "threshold_objective_per_class": {k: str(v) for k, v in self.per_class.items()},
             "threshold_global": round(float(self.global_threshold), 6),
             "threshold_n_pos": [int(n) for n in self.n_pos],
             "threshold_fallback": [bool(f) for f in self.fallback],
             "threshold_unmet": [bool(u) for u in self.unmet],
         }
+
+
+def describe_objective(meta: dict[str, Any]) -> str:
+    """The stored objective in words for a report or card, e.g. ``f1 (person: precision:0.95)``."""
+    text = str(meta.get("threshold_objective", "f1"))
+    per_class = meta.get("threshold_objective_per_class") or {}
+    if per_class:
+        text += " (" + ", ".join(f"{k}: {v}" for k, v in per_class.items()) + ")"
+    return text
 
 
 # --------------------------------------------------------------------------- one score column
@@ -242,12 +268,43 @@ def choose_thresholds(
     objective: str | Objective = "f1",
     shrink: float = DEFAULT_SHRINK,
     min_positives: int = DEFAULT_MIN_POSITIVES,
+    per_class: dict[str, str] | None = None,
+    names: list[str] | None = None,
 ) -> ThresholdChoice:
     """Thresholds ``[C]`` for ``scores`` [N, C] (probabilities) and ``targets`` [N, C]
-    (1, 0, or -1 for ignored entries) by ``rule`` and ``objective`` (see the module doc)."""
+    (1, 0, or -1 for ignored entries) by ``rule`` and ``objective`` (see the module doc).
+    ``per_class``: other objectives for some classes, by name (``names``: the classes of
+    the columns), e.g. ``{"person": "precision:0.95"}``; each is chosen by the same rule."""
+    choice = _choose(scores, targets, rule, parse_objective(objective), shrink, min_positives)
+    if not per_class:
+        return choice
+    index = {n: j for j, n in enumerate(names or [])}
+    unknown = sorted(set(per_class) - set(index))
+    if unknown:
+        raise ConfigError(
+            f"thresholds.per_class: no class {', '.join(map(repr, unknown))} among "
+            f"{len(index)} classes"
+        )
+    for name, text in per_class.items():
+        obj = parse_objective(text, f"thresholds.per_class.{name}")
+        own = _choose(scores, targets, rule, obj, shrink, min_positives)
+        j = index[name]
+        choice.thresholds[j], choice.unmet[j] = own.thresholds[j], own.unmet[j]
+        choice.per_class[name] = obj
+    return choice
+
+
+def _choose(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    rule: str,
+    obj: Objective,
+    shrink: float,
+    min_positives: int,
+) -> ThresholdChoice:
+    """:func:`choose_thresholds` for one objective for every class."""
     if rule not in RULES:
         raise ConfigError(f"thresholds.rule={rule!r} must be one of {', '.join(RULES)}")
-    obj = parse_objective(objective)
     s = np.asarray(scores, dtype=np.float64)
     t = np.asarray(targets)
     if s.ndim != 2 or s.shape != t.shape:

@@ -108,7 +108,8 @@ def calibrated_metrics(
     """Thresholds chosen on the calibration data by ``rule`` (the ``thresholds`` config
     section as keyword arguments of :func:`mlic.thresholds.choose_thresholds`; default: its
     defaults), and the metrics of ``scores`` against ``targets`` at them, keyed
-    ``cal_<metric>`` (no mAP: it does not depend on thresholds)."""
+    ``cal_<metric>`` (no mAP: it does not depend on thresholds). ``rule`` carries the class
+    ``names`` when it has ``per_class`` objectives."""
     choice = choose_thresholds(calib_scores, calib_targets, **(rule or {}))
     metrics = multilabel_metrics(scores, targets, threshold=choice.thresholds)
     return choice, {f"cal_{k}": v for k, v in metrics.items() if k != "mAP"}

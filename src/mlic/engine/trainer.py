@@ -560,6 +560,7 @@ def _evaluate_candidates(run: _Run, stop: _StopFlag, epoch: int) -> list[_Candid
         progress=run.cfg.run.progress and run.dist.is_main,
     )
     plan, rule = run.data.calibration, to_dict(run.cfg.thresholds)
+    rule["names"] = list(run.data.labels.names)  # for per-class objectives
     dist_utils.broadcast_buffers(unwrap_model(t.model))
     if t.ema is not None:
         dist_utils.broadcast_buffers(t.ema.module)

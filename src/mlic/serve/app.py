@@ -71,6 +71,7 @@ from mlic.serve.validation import (
     parse_json_body,
     parse_options,
 )
+from mlic.thresholds import META_KEYS
 
 __all__ = ["ServeConfig", "MlicAPI", "build_server", "serve", "model_info"]
 
@@ -213,6 +214,8 @@ def model_info(
         "labels": names,
         "thresholds": [float(t) for t in stored] if stored is not None else [0.5] * len(names),
         "thresholds_source": "checkpoint" if stored is not None else "default 0.5",
+        # how they were chosen and on how many positives per class (mlic.thresholds)
+        **{k: meta[k] for k in META_KEYS if k in meta and k != "thresholds"},
         "input_size": [int(s) for s in meta["input_size"]],
         "mean": [float(m) for m in meta["mean"]],
         "std": [float(s) for s in meta["std"]],
