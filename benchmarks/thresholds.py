@@ -38,9 +38,9 @@ RULES: list[tuple[str, str, dict]] = [
     ("best_f1 (old)", "best_f1", {}),
     ("best_f1_mid", "best_f1_mid", {}),
     ("global", "global", {}),
-    ("shrunk k=10 (new)", "shrunk", {"shrink": 10.0}),
     ("shrunk k=3", "shrunk", {"shrink": 3.0}),
-    ("shrunk k=30", "shrunk", {"shrink": 30.0}),
+    ("shrunk k=10", "shrunk", {"shrink": 10.0}),
+    ("shrunk k=30 (default)", "shrunk", {"shrink": 30.0}),
     ("platt", "platt", {}),
 ]
 
@@ -167,7 +167,9 @@ def main() -> None:
     )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument(
-        "--default", default="shrunk k=10 (new)", help="rules (labels) to compare with the others"
+        "--default",
+        default="shrunk k=30 (default)",
+        help="rules (labels) to compare with the others",
     )
     ap.add_argument("--set", nargs="*", default=[], help="overrides for --train-demo runs")
     args = ap.parse_args()

@@ -68,7 +68,7 @@ META_KEYS = (
 )
 RULES = ("shrunk", "global", "best_f1", "best_f1_mid", "platt", "fixed")
 DEFAULT_RULE = "shrunk"
-DEFAULT_SHRINK = 10.0  # pseudo-positives: a class with this many positives moves halfway
+DEFAULT_SHRINK = 30.0  # pseudo-positives: a class with this many positives moves halfway
 DEFAULT_MIN_POSITIVES = 3
 FIXED = 0.5
 
