@@ -332,7 +332,7 @@ def _thumbnail(src: Path, dst: Path) -> bool:
 
 PAGE_CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px}
+.wide{overflow-x:auto}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px}
 th{background:#f3f3f3}td.n{text-align:right}h2{margin-top:1.5em;border-bottom:1px solid #ddd}
 .cards{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:170px;border:1px solid #ddd;border-radius:6px;padding:5px;font-size:12px}
@@ -376,7 +376,10 @@ def _write_page(
         "images without it. Check each by eye before changing a label. A small "
         f"<b>separation</b> (below {WEAK_SEPARATION}) means the fold models barely tell the "
         "class apart: its suspects are mostly their noise.</p>",
-        "<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in SUMMARY_COLUMNS) + "</tr>",
+        # the summary scrolls on its own where it is wider than the window
+        "<div class='wide'><table><tr>"
+        + "".join(f"<th>{e(k)}</th>" for k in SUMMARY_COLUMNS)
+        + "</tr>",
     ]
     for s in issues.summary:
         cells = [f"<td>{e(s['class'])}</td>"]
@@ -387,7 +390,7 @@ def _write_page(
             for k in SUMMARY_COLUMNS[1:]
         ]
         parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</table>")
+    parts.append("</table></div>")
     for c in sorted(shown):
         total = issues.summary[c]["suspects"]
         parts.append(
