@@ -130,6 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def print_final_table(cfg: Any, result: dict[str, Any], title: str, seconds: float) -> None:
     """The kept weights' metrics at 0.5 and at the stored thresholds, and which weights they are
     (the epoch, counted from 1 as in metrics.csv, and raw or EMA), as `mlic train` ends."""
+    from mlic.thresholds import describe_stored
     from mlic.viz import metric_table
 
     if not result.get("history") or not result.get("best_epoch"):
@@ -152,8 +153,8 @@ def print_final_table(cfg: Any, result: dict[str, Any], title: str, seconds: flo
     calibrated = {k[4:]: v for k, v in shown.items() if k.startswith("cal_")}
     if calibrated:  # what users get first: predict and serve use these thresholds
         print(
-            f"At the per-class thresholds `mlic predict` and `serve` use (rule "
-            f"{meta.get('threshold_rule')}, chosen on {meta.get('thresholds_from')}):\n"
+            f"At the per-class thresholds `mlic predict` and `serve` use "
+            f"({describe_stored(meta)}):\n"
         )
         print(metric_table(calibrated))
         print()

@@ -14,7 +14,8 @@ from mlic.config import load_config
 from mlic.data.dataset import load_split
 from mlic.data.sources import STREAM_FORMATS
 from mlic.data.transforms import build_transform
-from mlic.engine.checkpoint import load_checkpoint, read_metadata, update_metadata
+from mlic.engine.calibration import threshold_rule
+from mlic.engine.checkpoint import load_checkpoint, update_metadata
 from mlic.engine.loaders import eval_loader, uint8_batch_to_device
 from mlic.engine.precision import resolve_precision
 from mlic.engine.trainer import evaluate, resolve_device
@@ -107,7 +108,7 @@ def evaluate_checkpoint(
     )
     tuned = None
     if tune_thresholds:
-        tuned = _tune(ckpt, cfg, split, scores, targets)
+        tuned = _tune(ckpt, cfg, split, scores, targets, list(meta["label_names"]))
         meta = {**meta, **tuned}
     thresholds, at_thresholds = _at_thresholds(meta, scores, targets, tuned is not None)
     results = {**results, **at_thresholds}
@@ -176,14 +177,11 @@ def _split_loader(cfg: Any, split: str, meta: dict[str, Any]) -> tuple[Any, list
 
 
 def _tune(
-    ckpt: Path, cfg: Any, split: str, scores: np.ndarray, targets: np.ndarray
+    ckpt: Path, cfg: Any, split: str, scores: np.ndarray, targets: np.ndarray, names: list[str]
 ) -> dict[str, Any]:
     """Thresholds chosen on this split by ``cfg.thresholds``, written into the checkpoint
     (under the run's lock); warns when the split is one the run already chose on."""
-    from mlic.config import to_dict
-
-    names = list(read_metadata(ckpt)["label_names"])
-    choice = choose_thresholds(scores, targets, **to_dict(cfg.thresholds), names=names)
+    choice = choose_thresholds(scores, targets, **threshold_rule(cfg, names))
     split_name = cfg.data.train if split == "train" else cfg.data.val
     where = f"{cfg.data.format} {split} split '{split_name}' (mlic eval --tune-thresholds)"
     tuned = choice.to_meta(where)

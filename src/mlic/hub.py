@@ -24,7 +24,7 @@ import numpy as np
 
 from mlic.errors import CheckpointError
 from mlic.hub_files import shown, validate_repo_id
-from mlic.thresholds import META_KEYS, describe_objective
+from mlic.thresholds import META_KEYS, describe_stored
 
 __all__ = ["PUSH_FILES", "validate_license", "build_push_folder", "push_run"]
 
@@ -56,8 +56,7 @@ def _threshold_metrics(meta: dict[str, Any], metrics: dict[str, Any]) -> list[st
         return []
     return [
         "At the per-class thresholds `mlic predict` and `serve` use (included in this "
-        f"repository; rule {meta.get('threshold_rule', 'best_f1')}, objective "
-        f"{describe_objective(meta)}, chosen on {meta.get('thresholds_from')}):",
+        f"repository; {describe_stored(meta)}):",
         "",
         metric_table(cal),
         "",

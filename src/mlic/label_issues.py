@@ -44,7 +44,7 @@ import numpy as np
 
 from mlic.config import Config, to_dict
 from mlic.data import Annotations
-from mlic.data.dataset import load_split
+from mlic.data.dataset import image_folder, load_split
 from mlic.engine.folds import OutOfFold, out_of_fold_scores
 from mlic.errors import ConfigError, DataError
 from mlic.files import (
@@ -172,24 +172,10 @@ def rank_label_issues(
 
 
 # ----------------------------------------------------------------------------- data places
-def _image_base(data_cfg: Any) -> Path:
-    """The folder the split's image names are relative to in its annotations."""
-    root = Path(str(data_cfg.root))
-    if data_cfg.format == "csv":
-        return (
-            root / data_cfg.train_images
-            if data_cfg.train_images
-            else (root / data_cfg.train).parent
-        )
-    if data_cfg.format in ("coco", "openimages") and data_cfg.train_images:
-        return root / data_cfg.train_images
-    return root
-
-
 def image_names(data_cfg: Any, ann: Annotations) -> tuple[list[str], Path]:
     """Each image's name relative to the data's image folder (as its annotations name it),
     and that folder; images outside it: relative to their common folder instead."""
-    base = _image_base(data_cfg)
+    base = image_folder(data_cfg, "train")
     if not all(p.is_relative_to(base) for p in ann.images):
         base = Path(os.path.commonpath([os.path.abspath(p.parent) for p in ann.images] or ["."]))
         images = [Path(os.path.abspath(p)) for p in ann.images]
@@ -213,7 +199,7 @@ def _data_folders(data_cfg: Any) -> list[Path]:
     (unless one is the working folder or above it, as ``data.root=.`` makes it)."""
     here = Path.cwd().resolve()
     out = []
-    for folder in {Path(str(data_cfg.root)).resolve(), _image_base(data_cfg).resolve()}:
+    for folder in {Path(str(data_cfg.root)).resolve(), image_folder(data_cfg, "train").resolve()}:
         if folder != here and folder not in here.parents:
             out.append(folder)
     return out

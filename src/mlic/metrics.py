@@ -36,6 +36,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from mlic.thresholds import choose_thresholds  # the rules live there, the old one too
+
 __all__ = [
     "MultiLabelMetrics",
     "average_precision_per_class",
@@ -175,24 +177,12 @@ def best_f1_thresholds(scores: ArrayLike, targets: ArrayLike, default: float = 0
     predicted when ``score >= threshold``, so the returned value reproduces the best F1 exactly
     on this data. Among equally good thresholds the highest one (fewest predictions) wins.
     Classes without any positive cannot be tuned (F1 is 0 whatever the threshold) and get
-    ``default``. Meant for tuning on a validation split, then applying to test data.
+    ``default``. Meant for tuning on a validation split, then applying to test data. It is
+    :mod:`mlic.thresholds`' ``best_f1`` rule (mlic's default before issue 28).
     """
     s, t = _check_inputs(scores, targets)
-    num_images, num_classes = s.shape
-    thresholds = np.full(num_classes, float(default))
-    if num_images == 0:
-        return thresholds
-    r = _ranked(s, t)
-    num_pos = r["tp"][:, -1]  # [C]
-    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + P) when thresholding at each position.
-    f1 = 2.0 * r["tp"] / np.maximum(r["tp"] + r["fp"] + num_pos[:, None], 1)  # [C, N]
-    candidate = r["group_end"] & np.isfinite(r["sorted"])  # [C, N]; real, distinct thresholds
-    f1 = np.where(candidate, f1, -1.0)
-    best = np.argmax(f1, axis=1)  # [C]; first maximum = highest threshold
-    best_thr = np.take_along_axis(r["sorted"], best[:, None], axis=1)[:, 0]  # [C]
-    has_pos = num_pos > 0
-    thresholds[has_pos] = best_thr[has_pos]
-    return thresholds
+    choice = choose_thresholds(s, t, rule="best_f1")  # [C]; 0.5 where a class cannot tune
+    return np.where(choice.n_pos > 0, choice.thresholds, float(default))
 
 
 # --------------------------------------------------------------------------- threshold metrics

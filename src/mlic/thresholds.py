@@ -49,7 +49,7 @@ __all__ = [
     "Objective",
     "ThresholdChoice",
     "parse_objective",
-    "describe_objective",
+    "describe_stored",
     "choose_thresholds",
 ]
 
@@ -137,13 +137,16 @@ class ThresholdChoice:
         }
 
 
-def describe_objective(meta: dict[str, Any]) -> str:
-    """The stored objective in words for a report or card, e.g. ``f1 (person: precision:0.95)``."""
-    text = str(meta.get("threshold_objective", "f1"))
+def describe_stored(meta: dict[str, Any]) -> str:
+    """How a checkpoint's thresholds were chosen, for a log, report or card: ``rule shrunk
+    (shrink 30), objective f1 (person: precision:0.95), chosen on <source>``."""
+    objective = str(meta.get("threshold_objective", "f1"))
     per_class = meta.get("threshold_objective_per_class") or {}
     if per_class:
-        text += " (" + ", ".join(f"{k}: {v}" for k, v in per_class.items()) + ")"
-    return text
+        objective += " (" + ", ".join(f"{k}: {v}" for k, v in per_class.items()) + ")"
+    rule = meta.get("threshold_rule", "best_f1 (before issue 28)")
+    source = meta.get("thresholds_from") or "unknown data"
+    return f"rule {rule}, objective {objective}, chosen on {source}"
 
 
 # --------------------------------------------------------------------------- one score column

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from mlic.files import savefig, write_text  # noqa: E402
-from mlic.thresholds import describe_objective  # noqa: E402
+from mlic.thresholds import describe_stored  # noqa: E402
 
 __all__ = [
     "METRIC_KEYS",
@@ -184,11 +184,8 @@ def threshold_lines(
 
     thr = np.asarray(meta["thresholds"], np.float64)  # [C]
     cal = multilabel_metrics(scores, targets, threshold=thr)
-    rule = meta.get("threshold_rule", "best_f1 (before issue 28)")
-    objective = describe_objective(meta)
     lines = [
-        f"At the per-class thresholds `mlic predict` and `serve` use (rule {rule}, objective "
-        f"{objective}, chosen on {meta.get('thresholds_from') or 'unknown data'}):",
+        f"At the per-class thresholds `mlic predict` and `serve` use ({describe_stored(meta)}):",
         "",
         metric_table({k: v for k, v in cal.items() if k != "mAP"}),
         "",

@@ -35,6 +35,7 @@ __all__ = [
     "build_loader",
     "collate_raw",
     "decode_batch",
+    "image_folder",
     "load_split",
 ]
 
@@ -363,6 +364,20 @@ def _check_unique_images(ann: Annotations) -> None:
         seen[key] = i
 
 
+def image_folder(data_cfg, split: str) -> Path:
+    """The folder the ``split``'s annotations name their images relative to: the image folder
+    (``data.<split>_images``) of a CSV, COCO or OpenImages split, else a CSV's own folder, else
+    the data root."""
+    root = Path(data_cfg.root)
+    which = data_cfg.train if split == "train" else data_cfg.val
+    images = data_cfg.train_images if split == "train" else data_cfg.val_images
+    if data_cfg.format == "csv":
+        return root / images if images else (root / which).parent
+    if data_cfg.format in ("coco", "openimages") and images:
+        return root / images
+    return root
+
+
 def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> Annotations:
     """Read the ``train`` or ``val`` split named by a :class:`~mlic.config.DataConfig`.
 
@@ -385,11 +400,10 @@ def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> An
     elif fmt == "coco":
         if images is None:
             raise DataError(f"data.{split}_images must name the COCO image folder for {which}")
-        ann = coco.load_coco(Path(data_cfg.root) / which, Path(data_cfg.root) / images)
+        ann = coco.load_coco(Path(data_cfg.root) / which, image_folder(data_cfg, split))
     elif fmt == "csv":
         csv_path = Path(data_cfg.root) / which
-        image_dir = Path(data_cfg.root) / images if images else csv_path.parent
-        ann = csv.load_csv(csv_path, image_dir, class_names=class_names)
+        ann = csv.load_csv(csv_path, image_folder(data_cfg, split), class_names=class_names)
     elif fmt == "vg500":
         ann = vg.load_vg500(
             data_cfg.root,
@@ -407,7 +421,7 @@ def load_split(data_cfg, split: str, class_names: list[str] | None = None) -> An
         root = Path(data_cfg.root)
         ann = openimages.load_openimages(
             root / which,
-            root / images,
+            image_folder(data_cfg, split),
             classes_csv=root / data_cfg.classes if data_cfg.classes else None,
             class_names=class_names,
         )

@@ -25,12 +25,20 @@ from typing import Any
 
 import numpy as np
 
+from mlic.config import Config, to_dict
 from mlic.data import Annotations
 from mlic.errors import DataError
 from mlic.metrics import multilabel_metrics
 from mlic.thresholds import ThresholdChoice, choose_thresholds
 
-__all__ = ["CalibrationPlan", "split_calibration", "stream_calibration", "calibrated_metrics"]
+__all__ = [
+    "CalibrationPlan",
+    "split_calibration",
+    "stream_calibration",
+    "calibrated_metrics",
+    "metrics_at",
+    "threshold_rule",
+]
 
 
 @dataclass
@@ -46,8 +54,8 @@ class CalibrationPlan:
     mode: str
     holdout: Annotations | None = None
     source: str = ""
-    scores: np.ndarray | None = None  # [M, C] fixed calibration scores (``oof`` mode)
-    targets: np.ndarray | None = None  # [M, C]
+    # ``oof`` mode: chosen once on the fixed out-of-fold scores, the same at every epoch
+    choice: ThresholdChoice | None = None
 
 
 def split_calibration(
@@ -98,6 +106,13 @@ def stream_calibration(mode: str) -> CalibrationPlan:
     )
 
 
+def threshold_rule(cfg: Config, names: list[str]) -> dict[str, Any]:
+    """The ``thresholds`` config section as keyword arguments of
+    :func:`mlic.thresholds.choose_thresholds`, with the class names its per-class objectives
+    refer to."""
+    return {**to_dict(cfg.thresholds), "names": list(names)}
+
+
 def calibrated_metrics(
     calib_scores: np.ndarray,
     calib_targets: np.ndarray,
@@ -111,5 +126,13 @@ def calibrated_metrics(
     ``cal_<metric>`` (no mAP: it does not depend on thresholds). ``rule`` carries the class
     ``names`` when it has ``per_class`` objectives."""
     choice = choose_thresholds(calib_scores, calib_targets, **(rule or {}))
+    return choice, metrics_at(choice, scores, targets)
+
+
+def metrics_at(
+    choice: ThresholdChoice, scores: np.ndarray, targets: np.ndarray
+) -> dict[str, float]:
+    """The metrics of ``scores`` against ``targets`` at ``choice``'s thresholds, keyed
+    ``cal_<metric>`` (no mAP: it does not depend on thresholds)."""
     metrics = multilabel_metrics(scores, targets, threshold=choice.thresholds)
-    return choice, {f"cal_{k}": v for k, v in metrics.items() if k != "mAP"}
+    return {f"cal_{k}": v for k, v in metrics.items() if k != "mAP"}

@@ -31,11 +31,16 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from mlic.config import Config, check_resume_overrides, load_config, to_dict
+from mlic.config import Config, check_resume_overrides, load_config
 from mlic.data.labels import LabelSet
 from mlic.data.transforms import config_transforms
 from mlic.engine import distributed as dist_utils
-from mlic.engine.calibration import CalibrationPlan, calibrated_metrics
+from mlic.engine.calibration import (
+    CalibrationPlan,
+    calibrated_metrics,
+    metrics_at,
+    threshold_rule,
+)
 from mlic.engine.checkpoint import (
     load_resume,
     load_state_strict,
@@ -65,7 +70,7 @@ from mlic.host import retain_freed_memory
 from mlic.losses import loss_from_config
 from mlic.metrics import MultiLabelMetrics, average_precision_per_class, multilabel_metrics
 from mlic.models import create_model
-from mlic.thresholds import ThresholdChoice
+from mlic.thresholds import ThresholdChoice, choose_thresholds, describe_stored
 
 __all__ = [
     "train",
@@ -533,9 +538,9 @@ def _evaluate_candidate(
     if plan.mode == "val":
         choice, cal = calibrated_metrics(scores, targets, scores, targets, rule)
         res = {**res, **cal}
-    elif plan.mode == "oof" and plan.scores is not None and plan.targets is not None:
-        choice, cal = calibrated_metrics(plan.scores, plan.targets, scores, targets, rule)
-        res = {**res, **cal}
+    elif plan.choice is not None:  # oof: chosen once, on the fold runs' scores
+        choice = plan.choice
+        res = {**res, **metrics_at(choice, scores, targets)}
     elif calib_loader is not None:
         _, _, calib_scores, calib_targets = evaluate(
             module, calib_loader, **ev, desc=f"{name} calib"
@@ -559,8 +564,7 @@ def _evaluate_candidates(run: _Run, stop: _StopFlag, epoch: int) -> list[_Candid
         prepare=loaders.eval_prepare,
         progress=run.cfg.run.progress and run.dist.is_main,
     )
-    plan, rule = run.data.calibration, to_dict(run.cfg.thresholds)
-    rule["names"] = list(run.data.labels.names)  # for per-class objectives
+    plan, rule = run.data.calibration, threshold_rule(run.cfg, run.data.labels.names)
     dist_utils.broadcast_buffers(unwrap_model(t.model))
     if t.ema is not None:
         dist_utils.broadcast_buffers(t.ema.module)
@@ -690,12 +694,7 @@ def _log_thresholds(meta: dict[str, Any], names: Sequence[str]) -> None:
     if meta.get("thresholds") is None:
         return
     fell = [n for n, f in zip(names, meta.get("threshold_fallback") or [], strict=False) if f]
-    log.info(
-        "decision thresholds: rule %s, objective %s, on %s",
-        meta.get("threshold_rule"),
-        meta.get("threshold_objective"),
-        meta.get("thresholds_from"),
-    )
+    log.info("decision thresholds: %s", describe_stored(meta))
     if fell:
         log.info(
             "  %d class(es) with too few calibration positives use the global threshold %s: %s",
@@ -767,15 +766,16 @@ def _fold_runs(cfg: Config, run_dir: Path) -> OutOfFold | None:
     )
 
 
-def _use_out_of_fold(data: RunData, oof: OutOfFold) -> None:
-    """The out-of-fold scores as the run's calibration data, checked against its labels."""
+def _use_out_of_fold(data: RunData, oof: OutOfFold, cfg: Config) -> None:
+    """The thresholds chosen once on the out-of-fold scores, checked against the run's labels."""
     if data.train is None or oof.names != list(data.labels.names):
         raise ConfigError(
             "the fold runs in RUN/folds have other classes than this run; delete RUN/folds"
         )
     rows = oof.scored  # [N]
     plan = data.calibration
-    plan.scores, plan.targets = oof.scores[rows], oof.targets[rows]
+    rule = threshold_rule(cfg, oof.names)
+    plan.choice = choose_thresholds(oof.scores[rows], oof.targets[rows], **rule)
     plan.source = (
         f"out-of-fold scores of {int(rows.sum())} training images ({oof.folds} fold runs of "
         f"{oof.epochs} epoch(s), data.calibration=oof)"
@@ -1030,7 +1030,7 @@ def _train_locked(
     device, dist = _start_process(cfg)
     data = load_run_data(cfg, dist.is_main)
     if oof is not None:
-        _use_out_of_fold(data, oof)
+        _use_out_of_fold(data, oof, cfg)
     precision = _check_run_data(cfg, data, device, run_dir, resume_state)
     model = build_model(cfg, data.labels, device, from_resume=resume_state is not None)
     dcfg = model.default_cfg
